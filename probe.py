@@ -1,0 +1,426 @@
+"""
+Linear probing of frozen user embeddings: the evaluation of the paper's Table 2.
+
+Every labelled user is embedded once with the frozen encoder under the strategy's inference mask;
+then, per binary task, a logistic regression is fitted on the probe-train users and scored by
+ROC-AUC on the probe-test users. Everything after the embedding is NumPy only.
+
+    embeddings ─▶ split_users (hash of user_id) ─▶ standardise (train stats) ─▶ LogisticRegression
+               (penalty C by stratified K-fold CV AUC on train users) ─▶ roc_auc on test users ─▶ table
+
+Protocol (the paper leaves the probe unspecified, PAPER.md §8; these are our fixed choices):
+- split: a user is a probe-test user iff sha256(salt + ":" + user_id) maps below test_frac
+  (default 0.2). It depends on the id alone, so reordering or subsetting the file changes nothing,
+  and a user sits on the same side for every task. Users without a label for a task are ignored.
+- features: z-scored with the mean / std of the training users only (the CV folds refit their own).
+- model: L2 logistic regression, objective  sum_i log(1 + exp(-s_i z_i)) + ||w||^2 / (2C),
+  s_i = 2 y_i - 1, z_i = x_i.w + b, intercept unpenalised: exactly scikit-learn's
+  LogisticRegression(C=C) objective, so the two can be compared coefficient by coefficient.
+- C from DEFAULT_CS by mean ROC-AUC over stratified folds of the training users (ties -> smaller C),
+  then refitted on all training users.
+- a task with one class in either split is reported with a "status" and left out of the average.
+
+References: arXiv 2602.10622 (Table 2, linear probing, ROC-AUC); Mann & Whitney (1947) for the rank
+form of the AUC; Boyd & Vandenberghe, Convex Optimization §9.5 (damped Newton, Newton decrement).
+
+Command lines:
+    python probe.py --checkpoint RUN_DIR/checkpoint --data probe.jsonl --out probe.json
+    python bench.py probe --n 20000 --d 256            # fit time against scikit-learn
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The paper's task order (Table 2 columns); must equal data.TASKS (a test checks it). Kept here so
+# the numeric part of the probe imports NumPy only.
+PAPER_TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
+DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # log grid of scikit-learn-style C
+
+# -----------------------------------------------------------------------------
+# ROC-AUC by ranks
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative),
+    ties counted one half. Computed as the Mann-Whitney U statistic from average ranks:
+        AUC = (sum of positive ranks - n1 (n1 + 1) / 2) / (n1 n0).
+    labels: 0/1 (or bool), scores: finite floats, both 1-D of the same length."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"roc_auc: labels and scores must be 1-D, got shapes {y.shape} and {s.shape}")
+    if len(y) != len(s):
+        raise ValueError(f"roc_auc: {len(y)} labels but {len(s)} scores")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError(f"roc_auc: labels must be 0/1, got values {np.unique(y)[:5]}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("roc_auc: scores contain NaN or inf")
+    y = y.astype(bool)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        raise ValueError(f"roc_auc: needs both classes, got {n1} positives and {n0} negatives")
+    # average ranks (1-based): a run of equal scores at sorted positions [start, end) gets (start+1+end)/2
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    new_value = np.r_[True, s_sorted[1:] != s_sorted[:-1]]
+    starts = np.flatnonzero(new_value)
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s))
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(new_value) - 1]
+    u = ranks[y].sum() - n1 * (n1 + 1) / 2.0  # Mann-Whitney U of the positives
+    return float(u / (n1 * n0))
+
+
+# -----------------------------------------------------------------------------
+# L2 logistic regression, damped Newton
+
+
+def _log1pexp(z):
+    return np.logaddexp(0.0, z)  # log(1 + e^z) without overflow
+
+
+def _expit(z):
+    return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z), full relative precision at both tails
+
+
+class LogisticRegression:
+    """Binary logistic regression with an L2 penalty on the weights (not the intercept):
+
+        minimise  f(w, b) = sum_i log(1 + exp(-s_i (x_i.w + b))) + ||w||^2 / (2C),   s_i = 2 y_i - 1
+
+    which is scikit-learn's LogisticRegression(C=C) objective. Solver: Newton's method on the
+    (d+1)-dim parameter [w, b] with a backtracking (Armijo) line search. The penalty makes f strongly
+    convex in w, so the optimum is finite even on separable data, and damped Newton converges to it
+    globally, quadratically near the end. Cost per iteration: the Hessian X^T diag(p(1-p)) X, n d^2
+    flops (one BLAS syrk, in row chunks to bound memory), and a (d+1)^2 solve; ~1 s for 100k x 1024
+    on two cores, and 5-10 iterations from a cold start, 2-4 from a warm one.
+    When d > n the fit runs in the n-dim row space of X (X = U S V^T, features U S, w = V w'): exact,
+    because the optimum satisfies w = C X^T (y - p), which lies in that row space, and ||V w'|| = ||w'||.
+
+    fit(X, y, init=None) -> self;  decision_function(X) -> (n,);  predict_proba(X) -> (n,) P(y=1)
+    coef_ (d,), intercept_ float, n_iter_ int, objective_ float
+    """
+
+    def __init__(self, C=1.0, tol=1e-12, max_iter=100, chunk_rows=16384):
+        if not C > 0:
+            raise ValueError(f"LogisticRegression: C must be > 0, got {C}")
+        self.C, self.tol, self.max_iter, self.chunk_rows = float(C), tol, max_iter, chunk_rows
+
+    def fit(self, X, y, init=None):
+        """init: optional (coef (d,), intercept) warm start, e.g. the solution at a nearby C."""
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y)
+        if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+            raise ValueError(f"LogisticRegression.fit: need X (n, d) and y (n,), got {X.shape} and {y.shape}")
+        if not np.all((y == 0) | (y == 1)):
+            raise ValueError("LogisticRegression.fit: y must be 0/1")
+        if not np.all(np.isfinite(X)):
+            raise ValueError("LogisticRegression.fit: X contains NaN or inf")
+        y = y.astype(np.float64)
+        if y.min() == y.max():
+            raise ValueError(f"LogisticRegression.fit: y has a single class ({int(y[0])})")
+        n, d = X.shape
+        if init is None:
+            p = y.mean()
+            w0, b0 = np.zeros(d), math.log(p / (1 - p))  # the optimum of the intercept-only model
+        else:
+            w0, b0 = np.asarray(init[0], dtype=np.float64), float(init[1])
+        if d > n:
+            _, _, Vt = np.linalg.svd(X, full_matrices=False)  # X = U S Vt, Vt (n, d)
+            Z = X @ Vt.T  # (n, n) = U S
+            w, b = self._newton(Z, y, Vt @ w0, b0)
+            self.coef_ = Vt.T @ w
+        else:
+            self.coef_, b = self._newton(X, y, w0, b0)
+        self.intercept_ = float(b)
+        return self
+
+    def _objective(self, X, s, w, b):
+        z = X @ w + b
+        return np.sum(_log1pexp(-s * z)) + 0.5 / self.C * (w @ w), z
+
+    def _newton(self, X, y, w, b):
+        n, d = X.shape
+        s = 2.0 * y - 1.0  # labels as -1 / +1
+        f, z = self._objective(X, s, w, b)
+        self.n_iter_ = 0
+        for it in range(self.max_iter):
+            p = _expit(z)
+            r = p - y
+            g = np.r_[X.T @ r + w / self.C, r.sum()]  # gradient (d+1,)
+            v = np.exp(-_log1pexp(z) - _log1pexp(-z))  # p (1 - p), no cancellation at the tails
+            H = np.empty((d + 1, d + 1))
+            H[:d, :d] = 0.0
+            for i in range(0, n, self.chunk_rows):  # X^T diag(v) X in row chunks: memory chunk_rows x d
+                A = X[i:i + self.chunk_rows] * np.sqrt(v[i:i + self.chunk_rows])[:, None]
+                H[:d, :d] += A.T @ A  # A.T @ A of one buffer runs as BLAS syrk (half a gemm)
+            H[:d, :d][np.diag_indices(d)] += 1.0 / self.C
+            H[:d, d] = H[d, :d] = X.T @ v
+            H[d, d] = v.sum() + 1e-12 * n  # tiny ridge on the intercept only so H stays invertible
+            step = np.linalg.solve(H, g)  # Newton direction (H is symmetric positive definite)
+            decrement = g @ step  # Newton decrement^2 ~ 2 (f - f*)
+            if not np.isfinite(decrement) or decrement <= 0:
+                break  # numerically at the optimum (H ill-conditioned beyond float64)
+            # backtracking line search (Armijo): halve until f drops by at least 1e-4 of the model decrease
+            t = 1.0
+            while t > 1e-10:
+                w_new, b_new = w - t * step[:d], b - t * step[d]
+                f_new, z_new = self._objective(X, s, w_new, b_new)
+                if f_new <= f - 1e-4 * t * decrement:
+                    break
+                t *= 0.5
+            else:
+                break  # no decrease possible in float64: converged to machine precision
+            w, b, f, z = w_new, b_new, f_new, z_new
+            self.n_iter_ = it + 1
+            if decrement / 2 <= self.tol * max(1.0, abs(f)):
+                break  # f - f* was below tol (relative) before this step; quadratic convergence beyond
+        self.objective_ = float(f)
+        return w, b
+
+    def decision_function(self, X):
+        return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, X):
+        return _expit(self.decision_function(X))
+
+
+# -----------------------------------------------------------------------------
+# probe fitting: standardisation, cross-validated penalty
+
+
+def standardise(X_train):
+    """Per-column mean and scale of the training rows; apply as (X - mean) / scale to any split.
+    Constant columns get scale 1 (they become 0, not NaN)."""
+    X_train = np.asarray(X_train, dtype=np.float64)
+    mean = X_train.mean(axis=0)
+    scale = X_train.std(axis=0)
+    scale[scale < 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0)))] = 1.0
+    return mean, scale
+
+
+def stratified_folds(y, folds, seed=0):
+    """Fold id in [0, folds) per row; each class is shuffled and dealt round-robin, so every fold
+    has (nearly) the class ratio of y. The dealing goes on from one class to the next, so fold sizes
+    differ by at most one."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    dealt = 0
+    for c in (0, 1):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = (dealt + np.arange(len(idx))) % folds
+        dealt += len(idx)
+    return fold
+
+
+@dataclass
+class Probe:
+    """A fitted probe: standardisation of the training users + logistic regression at the chosen C."""
+    mean: np.ndarray
+    scale: np.ndarray
+    model: LogisticRegression
+    C: float
+    cv_auc: dict = field(default_factory=dict)  # C -> mean held-out AUC over folds
+
+    def decision_function(self, X):
+        return self.model.decision_function((np.asarray(X, dtype=np.float64) - self.mean) / self.scale)
+
+
+def fit_probe(X_train, y_train, Cs=DEFAULT_CS, folds=5, seed=0) -> Probe:
+    """Choose C by stratified K-fold cross-validation ROC-AUC on the training users only (features
+    standardised with each fold's own training rows), then refit on all training users.
+    folds is lowered to the minority class count when that is smaller (each fold needs a positive
+    and a negative to have an AUC); fewer than 2 of either class is an error."""
+    X = np.asarray(X_train, dtype=np.float64)
+    y = np.asarray(y_train).astype(np.int64)
+    Cs = sorted(float(c) for c in Cs)  # ascending: each C warm-starts from the stronger penalty before it
+    if len(Cs) == 0:
+        raise ValueError("fit_probe: empty grid Cs")
+    n_min = int(min(y.sum(), len(y) - y.sum()))
+    if n_min < 2:
+        raise ValueError(f"fit_probe: need at least 2 users of each class, got {int(y.sum())} positives of {len(y)}")
+    cv_auc = {}
+    k = min(folds, n_min)
+    if len(Cs) > 1 and k >= 2:
+        fold = stratified_folds(y, k, seed)
+        scores = np.zeros((k, len(Cs)))
+        for j in range(k):
+            tr, va = fold != j, fold == j
+            mean, scale = standardise(X[tr])
+            Xtr, Xva = (X[tr] - mean) / scale, (X[va] - mean) / scale
+            init = None
+            for i, C in enumerate(Cs):
+                m = LogisticRegression(C=C).fit(Xtr, y[tr], init=init)
+                init = (m.coef_, m.intercept_)
+                scores[j, i] = roc_auc(y[va], m.decision_function(Xva))
+        cv_auc = dict(zip(Cs, scores.mean(axis=0).tolist()))
+        best = Cs[int(np.argmax(scores.mean(axis=0)))]  # argmax takes the first maximum: the smaller C
+    else:
+        best = Cs[0]
+    mean, scale = standardise(X)
+    model = LogisticRegression(C=best).fit((X - mean) / scale, y)
+    return Probe(mean=mean, scale=scale, model=model, C=best, cv_auc=cv_auc)
+
+
+# -----------------------------------------------------------------------------
+# tasks: split, probe, table
+
+
+def split_users(user_ids, test_frac=0.2, salt="probe") -> np.ndarray:
+    """is_test (n,) bool: sha256("{salt}:{user_id}") read as a uniform number in [0, 1) is below
+    test_frac. Depends on the id alone (not on order, not on Python's per-process hash)."""
+    if not 0.0 < test_frac < 1.0:
+        raise ValueError(f"split_users: test_frac must be in (0, 1), got {test_frac}")
+    out = np.empty(len(user_ids), dtype=bool)
+    for i, uid in enumerate(user_ids):
+        h = hashlib.sha256(f"{salt}:{uid}".encode("utf-8")).digest()
+        out[i] = int.from_bytes(h[:8], "big") / 2.0**64 < test_frac
+    return out
+
+
+def task_order(names):
+    """The paper's task order, then any other task names sorted."""
+    names = set(names)
+    return [t for t in PAPER_TASKS if t in names] + sorted(names - set(PAPER_TASKS))
+
+
+def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5, seed=0,
+                test_frac=0.2, salt="probe") -> dict:
+    """Probe every task: {task: {"auc", "n_train", "n_test", "positive_rate", "C"}} or, when a split
+    lacks a class, {task: {"status": ..., "n_train", "n_test", "positive_rate"}}.
+    embeddings (N, E); user_ids: N unique ids; labels: N dicts task -> 0/1 (absent or None = no label).
+    tasks: which tasks (default: every task named in labels, in the paper's order)."""
+    X = np.asarray(embeddings)
+    if X.ndim != 2 or not (len(X) == len(user_ids) == len(labels)):
+        raise ValueError(f"probe_tasks: embeddings {X.shape}, {len(user_ids)} user_ids, {len(labels)} labels "
+                         "must agree on the number of users")
+    if len(set(user_ids)) != len(user_ids):
+        raise ValueError("probe_tasks: user_ids are not unique")
+    if tasks is None:
+        tasks = task_order({t for lab in labels for t in lab})
+    is_test = split_users(user_ids, test_frac, salt)
+    results = {}
+    for task in tasks:
+        rows, ys = [], []
+        for i, lab in enumerate(labels):
+            v = lab.get(task)
+            if v is None:
+                continue
+            if v not in (0, 1):  # also accepts True/False and 0.0/1.0
+                raise ValueError(f"probe_tasks: user {user_ids[i]!r} task {task!r}: label {v!r} is not 0/1")
+            rows.append(i)
+            ys.append(int(v))
+        rows, y = np.asarray(rows, dtype=np.int64), np.asarray(ys, dtype=np.int64)
+        te = is_test[rows]
+        y_tr, y_te = y[~te], y[te]
+        res = {"n_train": int(len(y_tr)), "n_test": int(len(y_te)),
+               "positive_rate": float(y.mean()) if len(y) else None}
+        if len(y) == 0:
+            res["status"] = "no users with this label"
+        elif len(np.unique(y_te)) < 2:
+            res["status"] = "single class in test split"
+        elif min(y_tr.sum(), len(y_tr) - y_tr.sum()) < 2:
+            res["status"] = "single class in train split"  # (or a lone user of one class: nothing to fit)
+        else:
+            probe = fit_probe(X[rows[~te]], y_tr, Cs=Cs, folds=folds, seed=seed)
+            res["auc"] = roc_auc(y_te, probe.decision_function(X[rows[te]]))
+            res["C"] = probe.C
+        results[task] = res
+    return results
+
+
+def mean_auc(tasks: dict):
+    """Mean AUC over the tasks that have one (status entries are not averaged); None if none."""
+    aucs = [r["auc"] for r in tasks.values() if "auc" in r]
+    return float(np.mean(aucs)) if aucs else None
+
+
+def format_table(rows) -> str:
+    """Markdown table in the layout of the paper's Table 2. rows: list of (name, tasks) where tasks is
+    probe_tasks' dict (or a probe.json dict holding it under "tasks"). One column per task in the paper's
+    order then others, then Avg over that row's tasks with an AUC; 4 decimals; "—" where there is none."""
+    rows = [(name, t["tasks"] if isinstance(t.get("tasks"), dict) else t) for name, t in rows]
+    cols = task_order({task for _, t in rows for task in t})
+    lines = ["| Method | " + " | ".join(cols) + " | Avg |", "|---" * (len(cols) + 2) + "|"]
+    for name, t in rows:
+        cells = [f"{t[c]['auc']:.4f}" if c in t and "auc" in t[c] else "—" for c in cols]
+        avg = mean_auc(t)
+        cells.append("—" if avg is None else f"{avg:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# embeddings: compute, save, load
+
+
+def save_embeddings(path, embeddings, user_ids, metadata=None):
+    """Write embeddings (N, E) to a .safetensors file, the user ids (JSON list) in its metadata,
+    plus any extra string metadata (mask, checkpoint). Written to a temporary file, then renamed."""
+    from safetensors.numpy import save_file
+    E = np.ascontiguousarray(embeddings)
+    if E.ndim != 2 or len(E) != len(user_ids):
+        raise ValueError(f"save_embeddings: embeddings {E.shape} and {len(user_ids)} user_ids do not match")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["user_ids"] = json.dumps([str(u) for u in user_ids])
+    tmp = f"{path}.tmp"
+    save_file({"embeddings": E}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_embeddings(path):
+    """-> (embeddings (N, E) np.ndarray, user_ids list[str], metadata dict without user_ids)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        if "embeddings" not in f.keys() or "user_ids" not in meta:
+            raise ValueError(f"load_embeddings: {path} has no 'embeddings' tensor or no 'user_ids' metadata")
+        E = f.get_tensor("embeddings")
+    user_ids = json.loads(meta.pop("user_ids"))
+    if len(user_ids) != len(E):
+        raise ValueError(f"load_embeddings: {path}: {len(E)} embeddings but {len(user_ids)} user ids")
+    return E, user_ids, meta
+
+
+def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
+    """Embed users with the frozen encoder, without gradients, in eval mode.
+    batches: iterable of data.Side (or data.Batch, whose .user side is used).
+    mask_fn(attention_mask, dtype) -> the strategy's inference mask (a tensor or a per-layer callable),
+    e.g. MaskSchedule.inference_mask; None means the encoder's default (causal).
+    Returns (N, E) float32, in batch order."""
+    import torch  # the only torch use in this file's numeric part
+    dtype = next(encoder.parameters()).dtype
+    total = len(batches) if hasattr(batches, "__len__") else None
+    was_training = encoder.training
+    encoder.eval()  # no dropout in the embeddings
+    out = []
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                side = (batch.user if hasattr(batch, "user") else batch).to(device)
+                mask = None if mask_fn is None else mask_fn(side.attention_mask, dtype)
+                emb = encoder(side.input_ids, side.attention_mask, side.pool_index, mask=mask,
+                              vectors=side.vectors, vector_pos=side.vector_pos)
+                out.append(emb.float().cpu().numpy())
+                print(f"\rembedding batch {i + 1}/{total if total is not None else '?'}", end="",
+                      file=sys.stderr, flush=True)
+    finally:
+        encoder.train(was_training)
+    print(file=sys.stderr)
+    if not out:
+        raise ValueError("embed_users: no batches")
+    return np.concatenate(out, axis=0)
+
+
+# -----------------------------------------------------------------------------
+# command line: checkpoint loading and main() are defined together with train.py's checkpoint format
+
+# ==== main() (checkpoint loading, CLI) goes here ====
