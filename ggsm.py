@@ -1,0 +1,633 @@
+"""
+Attention-mask strategies for user-representation learning with a decoder-only LLM, Gradient-Guided
+Soft Masking (GG-SM) and the masked InfoNCE loss.
+
+Reference: "How Do Decoder-Only LLMs Perceive Users? Rethinking Attention Masking for User
+Representation Learning", arXiv 2602.10622 (Sec. 4 Eq. 4-8, App. A.4 Eq. 15, Table 2). The official
+code is github.com/JhCircle/Deepfind-GGSM; every place where this file does something else is marked
+"official code:" in a comment, and GGSM_TABLE.md sums those places up.
+
+What is here (every strategy of the paper's Table 2):
+    causal_mask, bidirectional_mask, window_mask, soft_future_mask, global_query_mask   pure functions
+    HybridMLPBias        hybrid_mlp: a small per-layer MLP predicting the future bias of each query row
+    GradientImportance   per-position ||dL/dh_j|| collected over micro-steps, all-reduced across ranks
+    MaskSchedule         causal | oracle | bidirectional | scheduler | ggsm | hybrid_mask | hybrid_mlp
+                         | hybrid_gq, driven by the optimizer step
+    info_nce             the masked InfoNCE of Eq. 6-8 with same-side negatives
+
+The mask convention (shared by model.py): a mask is an additive float tensor broadcastable to
+(B, heads, L, L); row = query i, column = key j; 0 = attend, torch.finfo(dtype).min = blocked, log w
+= attend with soft weight w in (0, 1] (softmax(s + log w) reweights key j by w before normalising).
+Padded keys are always blocked. Never -inf: a row whose keys are all blocked (a padded query row of an
+all-pad sequence) gets a uniform softmax instead of NaN. Worked 4x4 example, GG-SM warm-up with
+future weights w = (., .6, .5, .7) and one padded token at the end (attention_mask = [1, 1, 1, 0]),
+X = finfo.min:
+
+    key j ->    0        1         2        3
+    query 0 [   0     log .6    log .5      X ]
+    query 1 [   0       0       log .5      X ]
+    query 2 [   0       0         0         X ]
+    query 3 [   0       0         0         X ]   <- padded query row: finite, its output is unused
+
+How the trainer drives a schedule (train.py):
+
+    schedule = MaskSchedule("ggsm", total_steps=S, warmup_steps=W, n_layers=cfg.num_hidden_layers)
+    for step in range(S):
+        for micro in range(grad_accum):
+            mask_u = schedule.train_mask(step, user.attention_mask, dtype)
+            mask_a = schedule.train_mask(step, answer.attention_mask, dtype, tower="answer")
+            if schedule.wants_gradients(step):
+                u, h = encoder(..., mask=mask_u, return_layer=schedule.capture_layer)
+                h.retain_grad()
+            ...; loss = info_nce(u, a, tau, margin) / grad_accum; loss.backward()
+            if schedule.wants_gradients(step):
+                schedule.accumulate(h.grad, user.attention_mask, scale=grad_accum)
+        optimizer.step(); schedule.end_step(step)      # every rank: it all-reduces
+    probe/eval: schedule.inference_mask(attention_mask, dtype[, tower="answer"])
+
+Tests: python -m pytest -q tests/test_ggsm.py
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+STRATEGIES = ("causal", "oracle", "bidirectional", "scheduler", "ggsm", "hybrid_mask", "hybrid_mlp", "hybrid_gq")
+NORMALIZE = ("none", "max", "mean", "zscore")
+
+# -----------------------------------------------------------------------------
+# Masks as index predicates (nanochat row_idx/col_idx; modded-nanogpt `causal & window`)
+
+
+def _check_attention_mask(attention_mask, where):
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(f"{where}: attention_mask must be a (B, L) tensor of 1 = token / 0 = pad, "
+                         f"got {type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}")
+    if attention_mask.is_floating_point():
+        raise ValueError(f"{where}: attention_mask must be integer or bool (1 = token, 0 = pad), got "
+                         f"{attention_mask.dtype}; a float additive mask is not a padding mask")
+
+
+def _check_dtype(dtype, where):
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{where}: dtype must be a floating torch dtype, got {dtype}")
+
+
+def _grid(L, device):
+    """Query index i down the rows, key index j along the columns: row >= col is the causal predicate."""
+    row = torch.arange(L, device=device).view(L, 1)  # (L, 1) query i
+    col = torch.arange(L, device=device).view(1, L)  # (1, L) key j
+    return row, col
+
+
+def _everywhere(L, device):
+    return torch.ones(L, L, dtype=torch.bool, device=device)  # (L, L) the bidirectional predicate
+
+
+def _to_additive(allowed, attention_mask, dtype, log_w=None):
+    """
+    allowed: bool, broadcastable to (B, L, L); log_w: float log-weights broadcastable to (B, L, L) or
+    None (all 0). Returns (B, 1, L, L) in `dtype`: log_w where allowed and the key is a real token,
+    finfo(dtype).min elsewhere. Padded keys are blocked here, once, for every strategy.
+    """
+    key_real = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is a token
+    allowed = allowed & key_real  # (B, L, L)
+    work = torch.promote_types(dtype, torch.float32)  # build in >= fp32 so finfo(dtype).min is exact
+    if log_w is None:
+        log_w = torch.zeros((), dtype=work, device=attention_mask.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=work, device=attention_mask.device)
+    out = torch.where(allowed, log_w.to(work), blocked)  # (B, L, L)
+    # clamp: a log-weight below finfo(dtype).min (w ~ 0 in fp16) must not turn into -inf on the cast
+    return out.clamp(min=torch.finfo(dtype).min).to(dtype).unsqueeze(1)  # (B, 1, L, L)
+
+
+def causal_mask(attention_mask, dtype=torch.float32):
+    """M_ij = 0 if j <= i, blocked otherwise (the paper's M^causal), padded keys blocked."""
+    _check_attention_mask(attention_mask, "causal_mask")
+    _check_dtype(dtype, "causal_mask")
+    row, col = _grid(attention_mask.shape[1], attention_mask.device)
+    return _to_additive(row >= col, attention_mask, dtype)
+
+
+def bidirectional_mask(attention_mask, dtype=torch.float32):
+    """M_ij = 0 for every real key (the paper's M^bi), padded keys blocked."""
+    _check_attention_mask(attention_mask, "bidirectional_mask")
+    _check_dtype(dtype, "bidirectional_mask")
+    return _to_additive(_everywhere(attention_mask.shape[1], attention_mask.device), attention_mask, dtype)
+
+
+def window_mask(attention_mask, delta, dtype=torch.float32):
+    """
+    Scheduler-based transition (App. A.4 Bidirectional b): query i sees keys j <= i + delta, i.e.
+    "attention up to position min(i + delta, L)". delta = 0 is causal, delta >= L - 1 bidirectional.
+    """
+    _check_attention_mask(attention_mask, "window_mask")
+    _check_dtype(dtype, "window_mask")
+    if int(delta) != delta or delta < 0:
+        raise ValueError(f"window_mask: delta must be an integer >= 0, got {delta}")
+    row, col = _grid(attention_mask.shape[1], attention_mask.device)
+    return _to_additive(col <= row + int(delta), attention_mask, dtype)
+
+
+def soft_future_mask(attention_mask, weights, dtype=torch.float32):
+    """
+    Eq. 4: M_ij = 0 for j <= i and log w_j for j > i, one weight per key column j (Eq. 5 depends on
+    j only), padded keys blocked. weights: (L,) in (0, 1]; a weight of 0 is clamped to finfo.tiny
+    (log ~ -87, blocked in effect) so log(0) never happens.
+    """
+    _check_attention_mask(attention_mask, "soft_future_mask")
+    _check_dtype(dtype, "soft_future_mask")
+    L = attention_mask.shape[1]
+    if not isinstance(weights, torch.Tensor) or weights.shape != (L,):
+        raise ValueError(f"soft_future_mask: weights must be a ({L},) tensor (one weight per key position), "
+                         f"got {tuple(getattr(weights, 'shape', ()))}")
+    row, col = _grid(L, attention_mask.device)
+    w = weights.to(device=attention_mask.device, dtype=torch.promote_types(weights.dtype, torch.float32))
+    log_w = torch.log(w.clamp(min=torch.finfo(torch.float32).tiny))  # (L,) never log(0)
+    log_w = torch.where(col > row, log_w.view(1, L), torch.zeros((), dtype=w.dtype, device=w.device))  # Eq. 4, (L, L)
+    return _to_additive(_everywhere(L, attention_mask.device), attention_mask, dtype, log_w)
+
+
+def global_query_mask(attention_mask, dtype=torch.float32):
+    """
+    hybrid_gq (App. A.4 Hybrid c): position 0 holds the learnable <GLOBAL> token, whose row sees every
+    real key (bidirectional); all other rows stay causal. Other rows do see column 0, so from the
+    second block on future information reaches them only through the global token; that channel is
+    the "guidance" of the paper's description.
+    """
+    _check_attention_mask(attention_mask, "global_query_mask")
+    _check_dtype(dtype, "global_query_mask")
+    row, col = _grid(attention_mask.shape[1], attention_mask.device)
+    return _to_additive((row >= col) | (row == 0), attention_mask, dtype)
+
+
+# -----------------------------------------------------------------------------
+# hybrid_mlp (App. A.4 Hybrid b): "a lightweight MLP predicts attention bias for j > i ... based on h_i"
+
+
+class HybridMLPBias(nn.Module):
+    """
+    One small MLP per decoder layer l: bias_ij = logsigmoid(mlp_l(h_i)) for j > i, 0 for j <= i,
+    padded keys blocked. h is the hidden state entering block l (the decoder calls the mask callable
+    there), so the opening is decided per query row and per layer, and exp(bias) is a weight in (0, 1).
+
+    Input LayerNorm: the residual stream of a pretrained LLM changes scale by orders of magnitude
+    across layers (and has a few massive channels), so the MLP reads a normalised h.
+    Initialisation: the last layer's weight is zero and its bias is logit(init_weight), so every future
+    key starts at weight init_weight = 0.02 (bias ~ -3.9): the pretrained decoder was trained causal,
+    so starting nearly causal leaves its representations intact at step 0, while d logsigmoid/dx =
+    1 - 0.02 keeps the gradient that opens the future almost undamped. The zero weight still receives
+    a gradient at step 0 (the input features are non-zero), so the first layer learns from step 1.
+    """
+
+    def __init__(self, n_layers, hidden_size, mlp_hidden=64, init_weight=0.02):
+        super().__init__()
+        if not (0.0 < init_weight < 1.0):
+            raise ValueError(f"HybridMLPBias: init_weight must be in (0, 1), got {init_weight}")
+        self.n_layers = n_layers
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, 1))
+            for _ in range(n_layers))
+        for mlp in self.mlps:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.constant_(mlp[-1].bias, math.log(init_weight / (1.0 - init_weight)))  # sigmoid(b) = init_weight
+        self.last_mean_weight = None  # detached mean future weight of the last call, for logs
+
+    def forward(self, layer_idx, h, attention_mask, dtype=None):
+        _check_attention_mask(attention_mask, "HybridMLPBias")
+        if not 0 <= layer_idx < self.n_layers:
+            raise ValueError(f"HybridMLPBias: layer_idx {layer_idx} outside [0, {self.n_layers})")
+        if h.dim() != 3 or h.shape[:2] != attention_mask.shape:
+            raise ValueError(f"HybridMLPBias: h must be (B, L, D) matching attention_mask {tuple(attention_mask.shape)}, "
+                             f"got {tuple(h.shape)}")
+        mlp = self.mlps[layer_idx]
+        x = mlp(h.to(mlp[-1].weight.dtype)).squeeze(-1).float()  # (B, L): one logit per query row i
+        log_w = F.logsigmoid(x)  # (B, L) log of a weight in (0, 1)
+        row, col = _grid(h.shape[1], h.device)
+        log_w = torch.where(col > row, log_w[:, :, None], torch.zeros((), device=h.device))  # (B, L, L): j > i only
+        with torch.no_grad():
+            self.last_mean_weight = torch.sigmoid(x).mean()
+        return _to_additive(_everywhere(h.shape[1], h.device), attention_mask, dtype or h.dtype, log_w)
+
+
+# -----------------------------------------------------------------------------
+# Gradient importance: ||dL/dh_j|| per position j (Eq. 5)
+
+
+class GradientImportance:
+    """
+    Per-position importance I_j = mean over the rows b with a real token at j of ||dL/dh_{b,j}||_2
+    (L2 over the hidden dimension), collected over the micro-steps of one optimizer step.
+
+    Aggregation: a mean over the rows where j is a token. Official code: a sum over the micro-batch,
+    which scales the weight with the micro-batch size (and counts a column once per row long enough
+    to reach it, so late positions get smaller sums). Note the per-row gradient of a batch-mean loss
+    still carries a 1/N factor; Eq. 5 is applied to it as written.
+    DDP: at end_step the per-position sums and counts are all-reduced, so every rank holds the same
+    importance. Official code: the importance is a registered buffer that DDP overwrites with rank 0's
+    copy, so the mask follows rank 0's gradients only.
+    EMA: I <- ema * I + (1 - ema) * I_step at each optimizer step; default 0.0 (the official effective
+    value: the dataclass default, the argparse 0.99 is never used). A position seen for the first time
+    takes I_step directly (no bias towards the zero start).
+    Fallback: positions beyond the longest sequence seen so far get the mean importance of the seen
+    positions; before any gradient has been seen the importance is 0 everywhere (sigma(0) = 0.5, the
+    official step-0 value).
+    Normalisation (optional, off by default so Eq. 5 runs as written): raw norms are O(1e-4) and make
+    sigma(||g||) = 0.5 everywhere (PAPER.md 1.3). 'max' divides by the largest seen importance
+    (weights in [0.5, 0.73]), 'mean' by the mean (weights around 0.73), 'zscore' standardises
+    ((I - mean) / std, weights on both sides of 0.5). Applied over the seen positions, before sigma.
+    """
+
+    def __init__(self, ema=0.0, normalize="none"):
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"GradientImportance: ema must be in [0, 1), got {ema}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"GradientImportance: normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.ema, self.normalize = ema, normalize
+        self.importance = torch.zeros(0, dtype=torch.float64)  # (n_seen,) I_j, positions 0..n_seen-1
+        self.updates = 0  # optimizer steps that contributed
+        self._sum = None  # (L,) this step's sum over rows of ||g_{b,j}||, on the gradient's device
+        self._count = None  # (L,) this step's number of rows with a token at j
+
+    def accumulate(self, grad, attention_mask, scale=1.0):
+        """grad: (B, L, D) = dL/dh for one micro-step of the user tower. scale multiplies the norms: the
+        trainer backpropagates loss / grad_accum, so scale = grad_accum gives the gradient of the
+        step's loss."""
+        _check_attention_mask(attention_mask, "GradientImportance.accumulate")
+        if grad is None:
+            raise ValueError("GradientImportance.accumulate: grad is None; call h.retain_grad() before backward")
+        if grad.dim() != 3 or grad.shape[:2] != attention_mask.shape:
+            raise ValueError(f"GradientImportance.accumulate: grad must be (B, L, D) matching attention_mask "
+                             f"{tuple(attention_mask.shape)}, got {tuple(grad.shape)}")
+        real = attention_mask.to(grad.device).bool()
+        norms = grad.detach().double().norm(dim=-1) * scale  # (B, L) ||dL/dh_{b,j}||_2 over the hidden dim
+        s = (norms * real).sum(0)  # (L,) padded positions ignored
+        c = real.sum(0).double()  # (L,)
+        if self._sum is None:
+            self._sum, self._count = s, c
+        else:
+            self._sum, self._count = _add_padded(self._sum, s), _add_padded(self._count, c)
+
+    def end_step(self):
+        """After the optimizer step, on every rank (it is a collective under torch.distributed)."""
+        s, c = self._sum, self._count
+        self._sum = self._count = None
+        if dist.is_available() and dist.is_initialized():
+            # ranks may have seen different lengths: agree on the longest, pad, then sum norms and counts
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+            n = torch.tensor([0 if s is None else s.numel()], dtype=torch.int64, device=dev)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            buf = torch.zeros(2, int(n.item()), dtype=torch.float64, device=dev)  # (2, L) sums; counts
+            if s is not None:
+                buf[0, :s.numel()], buf[1, :c.numel()] = s.to(dev), c.to(dev)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            s, c = buf[0], buf[1]
+        if s is None or s.numel() == 0:
+            return
+        s, c = s.cpu(), c.cpu()
+        seen = c > 0
+        # right padding: a row with a token at j has tokens at 0..j, so the seen positions are a prefix
+        n_new = int(seen.sum())
+        step_imp = s[:n_new] / c[:n_new]  # (n_new,) mean over real rows
+        old = self.importance
+        new = torch.zeros(max(old.numel(), n_new), dtype=torch.float64)
+        new[:old.numel()] = old  # positions not seen this step keep their value
+        k = min(old.numel(), n_new)
+        new[:k] = self.ema * old[:k] + (1.0 - self.ema) * step_imp[:k]  # EMA where a previous value exists
+        new[k:n_new] = step_imp[k:]  # first sighting: the step's value
+        self.importance = new
+        self.updates += 1
+
+    def normalized(self):
+        """The importance of the seen positions after the optional normalisation, (n_seen,) float64."""
+        return _normalize(self.importance, self.normalize)
+
+    def weights(self, L, device=None):
+        """Eq. 5 warm-up branch: w_j = sigma(I_j) for j < L, with the fallback beyond n_seen. (L,) float32."""
+        return torch.sigmoid(_extend(self.normalized(), L)).float().to(device)
+
+    def state_dict(self):
+        # saved at step boundaries (after end_step), so the per-step sums are empty and not part of it
+        return {"importance": self.importance.clone(), "updates": int(self.updates)}  # float64: exact round trip
+
+    def load_state_dict(self, state):
+        _check_keys(state, ("importance", "updates"), "GradientImportance.load_state_dict")
+        imp = state["importance"]
+        if not isinstance(imp, torch.Tensor) or imp.dim() != 1:
+            raise ValueError(f"GradientImportance.load_state_dict: 'importance' must be a 1-D tensor, got {imp!r}")
+        self.importance = imp.detach().double().cpu().clone()
+        self.updates = int(state["updates"])
+        self._sum = self._count = None
+
+
+def _add_padded(a, b):
+    """a + b for 1-D tensors of possibly different lengths (missing positions count as 0)."""
+    if a.numel() < b.numel():
+        a, b = b, a
+    a = a.clone()
+    a[:b.numel()] += b
+    return a
+
+
+def _normalize(x, how):
+    if x.numel() == 0 or how == "none":
+        return x
+    if how == "max":
+        return x / x.max().clamp(min=1e-30)
+    if how == "mean":
+        return x / x.mean().clamp(min=1e-30)
+    if how == "zscore":
+        return (x - x.mean()) / x.std(unbiased=False).clamp(min=1e-30)
+    raise ValueError(f"normalize must be one of {NORMALIZE}, got {how!r}")
+
+
+def _extend(x, L):
+    """x (n,) -> (L,): truncate, or pad positions >= n with the mean of x (0 if x is empty)."""
+    if L <= x.numel():
+        return x[:L]
+    fill = x.mean() if x.numel() else torch.zeros((), dtype=x.dtype)
+    return torch.cat([x, fill.expand(L - x.numel())])
+
+
+def _check_keys(state, expected, where):
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise KeyError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+
+
+# -----------------------------------------------------------------------------
+# MaskSchedule: which mask at which optimizer step
+
+
+class MaskSchedule:
+    """
+    One object per run; every method takes the OPTIMIZER step t (0-based). Official code: its schedule
+    counts micro-batches (global_step), so T_warm and T_total shrink by the accumulation factor.
+
+    causal, oracle   causal at training and inference (oracle = the untrained causal model: the trainer
+                     skips the optimizer; the mask is the same)
+    bidirectional    "Direct" (App. A.4 Bi a): bidirectional from step 0
+    scheduler        App. A.4 Bi b: window_mask with delta(t) = floor(L * t / T_total) (linear) or
+                     floor(L * (1 - cos(pi t / T_total)) / 2) (cosine), L = the batch's length; causal at
+                     t = 0, bidirectional from T_total on and at inference
+    ggsm             Eq. 4, 5, 15: warm-up t < T_warm: w_j = sigma(I_j) from the gradients of the steps
+                     before t (none at t = 0: I = 0, w = sigma(0) = 0.5 everywhere, as in the official
+                     code); end_step(T_warm - 1) freezes w_frozen = sigma(I) including that step's
+                     gradients; ramp T_warm <= t < T_total: w = (1 - a_t) w_frozen + a_t,
+                     a_t = (t - T_warm) / (T_total - T_warm); bidirectional from T_total on and at inference
+    hybrid_mask      App. A.4 Hybrid a: the ggsm warm-up mask, frozen at T_warm - 1, never ramped; the
+                     frozen mask is also the inference mask (the paper does not say; a model trained
+                     with a soft mask is evaluated with it). If training stops before the freeze, the
+                     latest warm-up weights are used.
+    hybrid_mlp       App. A.4 Hybrid b: HybridMLPBias; train_mask returns a callable mask(layer_idx, h)
+    hybrid_gq        App. A.4 Hybrid c: global_query_mask on the user tower
+
+    The answer tower (tower="answer") gets the same strategy's mask at its own length, as in the
+    official code (which adds the same soft bias to both towers): the user importance of column j also
+    weights answer column j (with the same fallback beyond the seen length). Exception: hybrid_gq,
+    whose answers carry no <GLOBAL> token, is causal on the answer tower.
+    """
+
+    def __init__(self, strategy, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, capture_layer=None,
+                 window_schedule="linear", ema=0.0, normalize="none", mlp_hidden=64, mlp_init_weight=0.02):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"MaskSchedule: unknown strategy {strategy!r}, expected one of {STRATEGIES}")
+        if int(total_steps) != total_steps or total_steps < 1:
+            raise ValueError(f"MaskSchedule: total_steps must be an integer >= 1, got {total_steps}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"MaskSchedule: warmup_steps must be an integer >= 0, got {warmup_steps}")
+        if strategy == "ggsm" and warmup_steps >= total_steps:
+            raise ValueError(f"MaskSchedule('ggsm'): warmup_steps ({warmup_steps}) must be < total_steps ({total_steps}), "
+                             "else alpha_t = (t - T_warm) / (T_total - T_warm) is undefined")
+        if window_schedule not in ("linear", "cosine"):
+            raise ValueError(f"MaskSchedule: window_schedule must be 'linear' or 'cosine', got {window_schedule!r}")
+        self.strategy, self.total_steps, self.warmup_steps = strategy, int(total_steps), int(warmup_steps)
+        self.window_schedule = window_schedule
+        self.importance, self.frozen, self.module, self.capture_layer = None, None, None, None
+        self._last_len = None  # user-tower length of the last train_mask call, for mean_future_weight
+
+        if strategy in ("ggsm", "hybrid_mask"):
+            if n_layers is None and capture_layer is None:
+                raise ValueError(f"MaskSchedule({strategy!r}): pass n_layers (or capture_layer) to choose where dL/dh is taken")
+            # Default: the input of the last block. The paper's literal choice, the final normed output
+            # (capture_layer = n_layers), is degenerate: with mean pooling every position gets the same
+            # gradient dL/dpool / n, with <USER> pooling it is zero except at the pooled token (PAPER.md 1.3).
+            self.capture_layer = int(n_layers - 1 if capture_layer is None else capture_layer)
+            if n_layers is not None and not 0 <= self.capture_layer <= n_layers:
+                raise ValueError(f"MaskSchedule: capture_layer must be in [0, {n_layers}], got {self.capture_layer}")
+            self.importance = GradientImportance(ema=ema, normalize=normalize)
+            if self.warmup_steps == 0:  # no warm-up: freeze the empty importance, i.e. w = sigma(0) = 0.5
+                self.frozen = torch.zeros(0, dtype=torch.float64)
+        if strategy == "hybrid_mlp":
+            if n_layers is None or hidden_size is None:
+                raise ValueError("MaskSchedule('hybrid_mlp'): n_layers and hidden_size are required")
+            self.module = HybridMLPBias(n_layers, hidden_size, mlp_hidden, mlp_init_weight)
+
+    # ---- which mask
+
+    def phase(self, step):
+        s = self.strategy
+        if s in ("ggsm", "hybrid_mask") and step < self.warmup_steps:
+            return "warmup"
+        if s == "ggsm":
+            return "ramp" if step < self.total_steps else "bidirectional"
+        if s == "scheduler":
+            return "window" if step < self.total_steps else "bidirectional"
+        return {"hybrid_mask": "frozen", "hybrid_mlp": "mlp", "hybrid_gq": "global_query"}.get(s, s)
+
+    def window_delta(self, step, L):
+        """Scheduler delta(t) for a batch of length L: 0 at t = 0, L at t = T_total (bidirectional)."""
+        t, T = min(step, self.total_steps), self.total_steps
+        if self.window_schedule == "linear":
+            return (L * t) // T  # integer floor, exact
+        # floor with a 1e-9 guard: cos(pi/2) = 6e-17 must not drop an exact integer by one
+        return int(math.floor(L * (1.0 - math.cos(math.pi * t / T)) / 2.0 + 1e-9))
+
+    def future_weights(self, step, L, device=None):
+        """ggsm / hybrid_mask: w_j for j < L at step t (Eq. 5 / Eq. 15), (L,) float32."""
+        phase = self.phase(step)
+        if phase == "warmup":
+            return self.importance.weights(L, device)  # Eq. 5, t < T_warm
+        if phase == "bidirectional":
+            return torch.ones(L, device=device)
+        if self.frozen is None:
+            raise RuntimeError(f"MaskSchedule({self.strategy!r}): step {step} is past warm-up but no weights were frozen; "
+                               f"call end_step(step) after every optimizer step, or load_state_dict from a checkpoint")
+        w_frozen = torch.sigmoid(_extend(self.frozen, L)).float().to(device)  # sigma(||grad L_warm||)
+        if phase == "frozen":
+            return w_frozen
+        alpha = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)  # alpha_t in [0, 1)
+        return (1.0 - alpha) * w_frozen + alpha  # Eq. 5 second branch = Eq. 15
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        """The mask for a training forward at optimizer step `step`: a (B, 1, L, L) tensor, or for
+        hybrid_mlp a callable mask(layer_idx, h) that the decoder evaluates at each block's input."""
+        _check_attention_mask(attention_mask, "MaskSchedule.train_mask")
+        if tower not in ("user", "answer"):
+            raise ValueError(f"MaskSchedule.train_mask: tower must be 'user' or 'answer', got {tower!r}")
+        L, s = attention_mask.shape[1], self.strategy
+        if tower == "user":
+            self._last_len = L
+        if s in ("causal", "oracle"):
+            return causal_mask(attention_mask, dtype)
+        if s == "bidirectional":
+            return bidirectional_mask(attention_mask, dtype)
+        if s == "scheduler":
+            if step >= self.total_steps:
+                return bidirectional_mask(attention_mask, dtype)
+            return window_mask(attention_mask, self.window_delta(step, L), dtype)
+        if s == "ggsm" and step >= self.total_steps:
+            return bidirectional_mask(attention_mask, dtype)  # exactly 0 bias, no log(1) round-off
+        if s in ("ggsm", "hybrid_mask"):
+            return soft_future_mask(attention_mask, self.future_weights(step, L, attention_mask.device), dtype)  # Eq. 4
+        if s == "hybrid_mlp":
+            return self._mlp_mask(attention_mask, dtype)
+        if s == "hybrid_gq":
+            return global_query_mask(attention_mask, dtype) if tower == "user" else causal_mask(attention_mask, dtype)
+        raise AssertionError(s)
+
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+        """The mask for embedding export / probing after training."""
+        s = self.strategy
+        if s in ("scheduler", "ggsm"):  # both end fully bidirectional (paper: "at inference, M employs a fully bidirectional")
+            _check_attention_mask(attention_mask, "MaskSchedule.inference_mask")
+            return bidirectional_mask(attention_mask, dtype)
+        if s == "hybrid_mask":
+            step = self.warmup_steps if self.frozen is not None else 0  # frozen weights, else the latest warm-up ones
+            return self.train_mask(step, attention_mask, dtype, tower)
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+
+    def _mlp_mask(self, attention_mask, dtype):
+        module = self.module
+
+        def mask(layer_idx, h):
+            # evaluated by the decoder at the input of block layer_idx: h = that block's input (B, L, D)
+            return module(layer_idx, h, attention_mask, dtype)
+
+        return mask
+
+    # ---- gradient importance (ggsm, hybrid_mask)
+
+    def wants_gradients(self, step):
+        """True while the importance is being learnt (warm-up of ggsm / hybrid_mask)."""
+        return self.importance is not None and step < self.warmup_steps
+
+    def accumulate(self, grad, attention_mask, scale=1.0):
+        """Each micro-step, after backward: grad = dL/dh_k of the user tower at capture_layer, (B, L, D)."""
+        if self.importance is None:
+            raise RuntimeError(f"MaskSchedule({self.strategy!r}).accumulate: this strategy uses no gradients")
+        self.importance.accumulate(grad, attention_mask, scale)
+
+    def end_step(self, step):
+        """After optimizer step `step` on every rank: all-reduce + EMA of the importance; freeze at T_warm - 1."""
+        if self.importance is None:
+            return
+        if step < self.warmup_steps:
+            self.importance.end_step()  # collective: every rank takes this branch at the same step
+            if step == self.warmup_steps - 1:
+                # L_warm is the loss of step T_warm - 1: its gradients are in the importance now
+                self.frozen = self.importance.normalized().clone()
+        else:
+            self.importance._sum = self.importance._count = None  # after warm-up gradients are not used
+
+    # ---- logs and checkpoints
+
+    def mean_future_weight(self, step, L=None):
+        """Mean weight exp(M_ij) over the strict upper triangle j > i of an L x L mask (Figure 1's "Soft
+        Mask Average Weight"); L defaults to the last user batch length. nan when unknown."""
+        L = L or self._last_len
+        s = self.strategy
+        if s == "hybrid_mlp":
+            w = self.module.last_mean_weight
+            return float("nan") if w is None else float(w)
+        if not L or L < 2:
+            return float("nan")
+        n_pairs = L * (L - 1) / 2
+        if s in ("causal", "oracle"):
+            return 0.0
+        if s == "bidirectional":
+            return 1.0
+        if s == "hybrid_gq":
+            return (L - 1) / n_pairs  # row 0 sees its L - 1 future keys
+        if s == "scheduler":
+            if step >= self.total_steps:
+                return 1.0
+            d = min(self.window_delta(step, L), L - 1)
+            return (d * (L - 1) - d * (d - 1) / 2) / n_pairs  # pairs with 0 < j - i <= d
+        w = self.future_weights(step, L).double()  # ggsm, hybrid_mask
+        return float((torch.arange(L, dtype=torch.float64) * w).sum() / n_pairs)  # column j has j future entries
+
+    def state_dict(self):
+        """Flat dict of tensors and ints (safetensors / JSON friendly)."""
+        sd = {}
+        if self.importance is not None:
+            imp = self.importance.state_dict()
+            sd["importance"], sd["importance_updates"] = imp["importance"], imp["updates"]
+            if self.frozen is not None:
+                sd["frozen_importance"] = self.frozen.clone()
+        if self.module is not None:
+            for k, v in self.module.state_dict().items():
+                sd["mlp." + k] = v.detach().clone()
+        return sd
+
+    def load_state_dict(self, state):
+        where = f"MaskSchedule({self.strategy!r}).load_state_dict"
+        expected = []
+        if self.importance is not None:
+            expected += ["importance", "importance_updates"] + (["frozen_importance"] if "frozen_importance" in state else [])
+        if self.module is not None:
+            expected += ["mlp." + k for k in self.module.state_dict()]
+        _check_keys(state, expected, where)
+        if self.importance is not None:
+            self.importance.load_state_dict({"importance": state["importance"], "updates": state["importance_updates"]})
+            fz = state.get("frozen_importance")
+            self.frozen = fz.detach().double().cpu().clone() if fz is not None else (
+                torch.zeros(0, dtype=torch.float64) if self.warmup_steps == 0 else None)
+        if self.module is not None:
+            self.module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mlp.")})
+
+
+# -----------------------------------------------------------------------------
+# Masked InfoNCE (Eq. 6-8)
+
+
+def info_nce(user, answer, tau, margin, same_side=True):
+    """
+    Eq. 6: L = -(1/N) sum_i log(e^{s(u_i, a_i)/tau} / Z_i)
+    Eq. 7: Z_i = e^{s(u_i,a_i)/tau} + sum_{j!=i} m e^{s(u_i,a_j)/tau}
+                 [+ sum_{j!=i} m e^{s(u_i,u_j)/tau} + sum_{j!=i} m e^{s(a_i,a_j)/tau}]   (same_side)
+    Eq. 8: m = 0 if that term's similarity > s(u_i, a_i) + margin, else 1: each term is thresholded
+           against the same (detached) positive, as in Qwen3-Embedding; a near-duplicate counts as a
+           false negative and is dropped.
+    user, answer: (N, E), row i of each is a positive pair; may be the global batch gathered across
+    ranks. s is the cosine: inputs are re-normalised here (a no-op on the encoders' L2-normalised
+    outputs). Computed in >= fp32 with logsumexp over [positive, kept negatives], masked terms -inf.
+    Official code: user->answer negatives only (no same-side terms), tau = 0.02, margin = 0.1.
+    """
+    if user.dim() != 2 or user.shape != answer.shape or user.shape[0] < 1:
+        raise ValueError(f"info_nce: user and answer must both be (N, E) with N >= 1, got {tuple(user.shape)} "
+                         f"and {tuple(answer.shape)}")
+    if not tau > 0:
+        raise ValueError(f"info_nce: tau must be > 0, got {tau}")
+    work = torch.promote_types(user.dtype, torch.float32)
+    u = F.normalize(user.to(work), dim=-1)
+    a = F.normalize(answer.to(work), dim=-1)
+    N = u.shape[0]
+    s_ua = u @ a.T  # (N, N) s(u_i, a_j)
+    pos = s_ua.diagonal()  # (N,) s(u_i, a_i)
+    threshold = (pos + margin).detach()[:, None]  # (N, 1) Eq. 8
+    off_diag = ~torch.eye(N, dtype=torch.bool, device=u.device)
+
+    def negatives(s):  # (N, N) -> logits with m_ij = 0 terms set to -inf
+        keep = off_diag & (s <= threshold)  # Eq. 8
+        return (s / tau).masked_fill(~keep, float("-inf"))
+
+    terms = [pos[:, None] / tau, negatives(s_ua)]  # Eq. 7 first two terms
+    if same_side:
+        terms += [negatives(u @ u.T), negatives(a @ a.T)]  # Eq. 7 same-side terms
+    logits = torch.cat(terms, dim=1)  # (N, 1 + N) or (N, 1 + 3N); column 0, the positive, is always finite
+    return (torch.logsumexp(logits, dim=1) - pos / tau).mean()  # Eq. 6

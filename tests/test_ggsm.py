@@ -1,0 +1,515 @@
+"""
+Tests for ggsm.py: every strategy's mask on a padded L = 5 batch against hand-written matrices, the
+gradient importance against a direct per-column computation, the GG-SM ramp end points, checkpoint
+round trips, cross-rank agreement under gloo, and the masked InfoNCE against a naive loop of Eq. 6-8.
+
+    python -m pytest -q tests/test_ggsm.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import ggsm
+
+X = "X"  # blocked (finfo.min) in the hand-written matrices; numbers are attention weights w = exp(M_ij)
+AM = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # one full row, one with 2 pads on the right
+LN3, LN4, LN9 = math.log(3), math.log(4), math.log(9)  # sigmoid: 0.75, 0.8, 0.9
+
+CAUSAL = [[1, X, X, X, X],
+          [1, 1, X, X, X],
+          [1, 1, 1, X, X],
+          [1, 1, 1, 1, X],
+          [1, 1, 1, 1, 1]]
+CAUSAL_PADDED = [[1, X, X, X, X],
+                 [1, 1, X, X, X],
+                 [1, 1, 1, X, X],
+                 [1, 1, 1, X, X],  # padded query rows: finite, they see the real keys before them
+                 [1, 1, 1, X, X]]
+BIDIR = [[1, 1, 1, 1, 1]] * 5
+WINDOW1 = [[1, 1, X, X, X],
+           [1, 1, 1, X, X],
+           [1, 1, 1, 1, X],
+           [1, 1, 1, 1, 1],
+           [1, 1, 1, 1, 1]]
+WINDOW3 = [[1, 1, 1, 1, X],
+           [1, 1, 1, 1, 1],
+           [1, 1, 1, 1, 1],
+           [1, 1, 1, 1, 1],
+           [1, 1, 1, 1, 1]]
+GQ = [[1, 1, 1, 1, 1],  # row 0 = <GLOBAL>: sees everything
+      [1, 1, X, X, X],
+      [1, 1, 1, X, X],
+      [1, 1, 1, 1, X],
+      [1, 1, 1, 1, 1]]
+GGSM_HALF = [[1, .5, .5, .5, .5],  # t = 0: no gradients yet, sigma(0) = 0.5 on every future key
+             [1, 1, .5, .5, .5],
+             [1, 1, 1, .5, .5],
+             [1, 1, 1, 1, .5],
+             [1, 1, 1, 1, 1]]
+GGSM_WARM = [[1, .75, .8, .9, .5],  # sigma(I) with I = (ln3, ln3, ln4, ln9, 0) from the previous step
+             [1, 1, .8, .9, .5],
+             [1, 1, 1, .9, .5],
+             [1, 1, 1, 1, .5],
+             [1, 1, 1, 1, 1]]
+GGSM_FROZEN = [[1, .9, .8, .75, .9],  # frozen at the end of step T_warm-1: I2 = (0, ln9, ln4, ln3, ln9)
+               [1, 1, .8, .75, .9],
+               [1, 1, 1, .75, .9],
+               [1, 1, 1, 1, .9],
+               [1, 1, 1, 1, 1]]
+GGSM_MID = [[1, .95, .9, .875, .95],  # alpha = 0.5: w = 0.5 * w_frozen + 0.5
+            [1, 1, .9, .875, .95],
+            [1, 1, 1, .875, .95],
+            [1, 1, 1, 1, .95],
+            [1, 1, 1, 1, 1]]
+GGSM_MID_PADDED = [[1, .95, .9, X, X],
+                   [1, 1, .9, X, X],
+                   [1, 1, 1, X, X],
+                   [1, 1, 1, X, X],
+                   [1, 1, 1, X, X]]
+MLP_INIT = [[1, .02, .02, .02, .02],
+            [1, 1, .02, .02, .02],
+            [1, 1, 1, .02, .02],
+            [1, 1, 1, 1, .02],
+            [1, 1, 1, 1, 1]]
+
+
+def padded(M, n_real):
+    """The same matrix for a sequence with n_real tokens: padded key columns blocked (query rows unchanged)."""
+    return [[v if j < n_real else X for j, v in enumerate(r)] for r in M]
+
+
+def expected_additive(rows, dtype=torch.float32):
+    out = torch.empty(len(rows), len(rows[0]), dtype=torch.float64)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            out[i, j] = torch.finfo(dtype).min if v == X else math.log(v)
+    return out
+
+
+def show(m):
+    return "\n".join(" ".join(" X   " if v <= torch.finfo(m.dtype).min / 2 else f"{math.exp(v):.3f}" for v in r) for r in m.double().tolist())
+
+
+def assert_mask(mask, expected_rows, name, dtype=torch.float32):
+    """mask (L, L); blocked entries must be exactly finfo(dtype).min, the others log w within atol."""
+    atol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16 keeps 8 bits: log 0.02 = -3.912 -> -3.906
+    exp = expected_additive(expected_rows, dtype)
+    got = mask.double()
+    msg = f"{name}: got (weights, X = blocked)\n{show(mask)}\nexpected\n{show(exp.to(mask.dtype))}"
+    blocked = exp <= torch.finfo(dtype).min / 2
+    assert torch.equal(got[blocked], exp[blocked]), msg
+    assert torch.equal(got <= torch.finfo(dtype).min / 2, blocked), msg
+    assert torch.allclose(got[~blocked], exp[~blocked], atol=atol, rtol=0), msg
+
+
+def assert_batch(mask, full_rows, name, padded_rows=None, dtype=torch.float32):
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == dtype, f"{name}: shape {tuple(mask.shape)} dtype {mask.dtype}"
+    assert torch.isfinite(mask).all(), f"{name}: mask has -inf/nan"
+    assert_mask(mask[0, 0], full_rows, f"{name} [full row]", dtype)
+    assert_mask(mask[1, 0], padded_rows or padded(full_rows, 3), f"{name} [padded row]", dtype)
+
+
+def grad_with_norms(norms, D=2):
+    """(B, L) target norms -> (B, L, D) gradient whose rows have exactly those L2 norms."""
+    direction = torch.tensor([0.6, 0.8] + [0.0] * (D - 2), dtype=torch.float64)
+    return torch.tensor(norms, dtype=torch.float64)[..., None] * direction
+
+
+# gradients whose per-column mean over REAL rows is I = (ln3, ln3, ln4, ln9, 0); the padded entries of
+# row 1 are huge, the column-1 entries differ per row (a sum would give 2 ln3, a max 2 ln3)
+G1 = grad_with_norms([[LN3, 2 * LN3, LN4, LN9, 0.0], [LN3, 0.0, LN4, 1e6, 1e6]])
+G2 = grad_with_norms([[0.0, LN9, LN4, LN3, LN9], [0.0, LN9, LN4, 1e6, 1e6]])  # I2 = (0, ln9, ln4, ln3, ln9)
+
+
+def run_ggsm_warmup(strategy, total=10, warm=4):
+    """Steps 0..warm-1 with G1 at every step but the last, which sees G2 (the one that gets frozen)."""
+    s = ggsm.MaskSchedule(strategy, total_steps=total, warmup_steps=warm, n_layers=2)
+    masks = {}
+    for t in range(warm):
+        masks[t] = s.train_mask(t, AM, torch.float32)
+        assert s.wants_gradients(t)
+        s.accumulate(G2 if t == warm - 1 else G1, AM)
+        s.end_step(t)
+    assert not s.wants_gradients(warm)
+    return s, masks
+
+
+# -----------------------------------------------------------------------------
+# pure masks
+
+
+def test_pure_masks_hand_written():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert_batch(ggsm.causal_mask(AM, dtype), CAUSAL, "causal", CAUSAL_PADDED, dtype)
+        assert_batch(ggsm.bidirectional_mask(AM, dtype), BIDIR, "bidirectional", dtype=dtype)
+        assert_batch(ggsm.window_mask(AM, 0, dtype), CAUSAL, "window 0", dtype=dtype)
+        assert_batch(ggsm.window_mask(AM, 1, dtype), WINDOW1, "window 1", dtype=dtype)
+        assert_batch(ggsm.window_mask(AM, 3, dtype), WINDOW3, "window 3", dtype=dtype)
+        assert_batch(ggsm.global_query_mask(AM, dtype), GQ, "global query", dtype=dtype)
+    w = torch.tensor([0.3, 0.95, 0.9, 0.875, 0.95])  # column 0 is never a future key
+    m = ggsm.soft_future_mask(AM, w, torch.float32)
+    assert_batch(m, GGSM_MID, "soft_future", GGSM_MID_PADDED)
+
+
+def test_masks_never_nan_even_for_all_pad_rows():
+    am = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    w = torch.tensor([0.0, 0.0, 0.5, 1.0, 1e-30])  # w = 0 must not give log(0) = -inf
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (ggsm.causal_mask(am, dtype), ggsm.bidirectional_mask(am, dtype), ggsm.window_mask(am, 2, dtype),
+                  ggsm.global_query_mask(am, dtype), ggsm.soft_future_mask(am, w, dtype)):
+            assert torch.isfinite(m).all()
+            scores = torch.randn(2, 1, 5, 5, dtype=dtype) + m
+            assert not torch.isnan(torch.softmax(scores.float(), -1)).any()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="causal_mask"):
+        ggsm.causal_mask(torch.ones(5), torch.float32)
+    with pytest.raises(ValueError, match="float additive mask"):
+        ggsm.causal_mask(torch.ones(2, 5), torch.float32)
+    with pytest.raises(ValueError, match="soft_future_mask"):
+        ggsm.soft_future_mask(AM, torch.ones(4), torch.float32)
+    with pytest.raises(ValueError, match="window_mask"):
+        ggsm.window_mask(AM, -1)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        ggsm.MaskSchedule("prefix", 10, 2)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ggsm.MaskSchedule("ggsm", 10, 10, n_layers=2)
+    with pytest.raises(ValueError, match="n_layers"):
+        ggsm.MaskSchedule("ggsm", 10, 2)
+    with pytest.raises(ValueError, match="info_nce"):
+        ggsm.info_nce(torch.randn(3, 4), torch.randn(4, 4), 0.05, 0.1)
+
+
+# -----------------------------------------------------------------------------
+# every strategy at t = 0, last warm-up step, mid-ramp, after T_total, and at inference
+
+
+def test_causal_oracle_bidirectional_schedules():
+    for strategy, rows in (("causal", CAUSAL), ("oracle", CAUSAL), ("bidirectional", BIDIR)):
+        s = ggsm.MaskSchedule(strategy, total_steps=10, warmup_steps=4)
+        for t in (0, 3, 7, 10, 25):
+            assert_batch(s.train_mask(t, AM), rows, f"{strategy} t={t}")
+            assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"{strategy} answer t={t}")
+        assert_batch(s.inference_mask(AM), rows, f"{strategy} inference")
+        assert s.capture_layer is None and s.module is None and not s.wants_gradients(0)
+
+
+def test_scheduler_linear_and_cosine():
+    s = ggsm.MaskSchedule("scheduler", total_steps=10, warmup_steps=4)
+    # delta(t) = floor(5 t / 10): t=0 -> 0, t=3 -> 1, t=7 -> 3
+    for t, rows in ((0, CAUSAL), (3, WINDOW1), (7, WINDOW3), (10, BIDIR), (11, BIDIR)):
+        assert_batch(s.train_mask(t, AM), rows, f"scheduler t={t}")
+        assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"scheduler answer t={t}")
+    assert_batch(s.inference_mask(AM), BIDIR, "scheduler inference")
+    assert [s.window_delta(t, 5) for t in range(11)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert s.mean_future_weight(0, 5) == 0.0 and s.mean_future_weight(10, 5) == 1.0
+    assert s.mean_future_weight(3, 5) == pytest.approx(4 / 10)  # 4 of the 10 future pairs are 1 apart
+    c = ggsm.MaskSchedule("scheduler", total_steps=10, window_schedule="cosine")
+    # delta = floor(5 (1 - cos(pi t / 10)) / 2): t=3 -> 1.03, t=5 -> 2.5, t=7 -> 3.97
+    assert [c.window_delta(t, 5) for t in (0, 3, 5, 7, 10)] == [0, 1, 2, 3, 5]
+    assert [c.window_delta(t, 4) for t in (0, 5, 10)] == [0, 2, 4]  # exact integer at the midpoint
+    assert_batch(c.train_mask(7, AM), WINDOW3, "cosine scheduler t=7")
+
+
+def test_ggsm_schedule_hand_written():
+    s, masks = run_ggsm_warmup("ggsm")
+    assert s.phase(0) == "warmup" and s.phase(3) == "warmup" and s.phase(4) == "ramp" and s.phase(10) == "bidirectional"
+    assert_batch(masks[0], GGSM_HALF, "ggsm t=0")
+    assert_batch(masks[1], GGSM_WARM, "ggsm t=1")
+    assert_batch(masks[3], GGSM_WARM, "ggsm t=3 (last warm-up step: uses step 2's gradients)")
+    assert_batch(s.train_mask(4, AM), GGSM_FROZEN, "ggsm t=4 (ramp start = frozen, incl. step 3's gradients)")
+    assert_batch(s.train_mask(7, AM), GGSM_MID, "ggsm t=7 (alpha = 0.5)", GGSM_MID_PADDED)
+    assert_batch(s.train_mask(10, AM), BIDIR, "ggsm t=10")
+    assert_batch(s.train_mask(50, AM), BIDIR, "ggsm t=50")
+    assert_batch(s.inference_mask(AM), BIDIR, "ggsm inference")
+    # answer tower: the same column weights at the answer's own length (official code: same bias on both)
+    am3 = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ans = s.train_mask(7, am3, tower="answer")
+    assert_mask(ans[0, 0], [[1, .95, .9], [1, 1, .9], [1, 1, 1]], "ggsm answer t=7")
+    assert_mask(ans[1, 0], [[1, .95, X], [1, 1, X], [1, 1, X]], "ggsm answer t=7 padded")
+    # longer than any seen position: fallback = mean of the frozen importance (0 + ln9 + ln4 + ln3 + ln9) / 5
+    fallback = 1 / (1 + math.exp(-(2 * LN9 + LN4 + LN3) / 5))
+    w = s.future_weights(4, 7)
+    assert torch.allclose(w[5:], torch.full((2,), fallback)), w
+    # logs: Figure 1's average future weight, mean over the 10 pairs j > i of w_j (column j has j pairs)
+    fresh = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
+    assert fresh.mean_future_weight(0, 5) == pytest.approx(0.5)  # the logged value reflects the current state
+    assert s.mean_future_weight(7, 5) == pytest.approx((1 * .95 + 2 * .9 + 3 * .875 + 4 * .95) / 10)
+
+
+def test_hybrid_mask_schedule():
+    s, masks = run_ggsm_warmup("hybrid_mask")
+    assert_batch(masks[0], GGSM_HALF, "hybrid_mask t=0")
+    assert_batch(masks[3], GGSM_WARM, "hybrid_mask t=3")
+    for t in (4, 7, 10, 100):  # frozen, never ramped
+        assert s.phase(t) == "frozen"
+        assert_batch(s.train_mask(t, AM), GGSM_FROZEN, f"hybrid_mask t={t}")
+    assert_batch(s.inference_mask(AM), GGSM_FROZEN, "hybrid_mask inference")
+
+
+def test_hybrid_gq_schedule():
+    s = ggsm.MaskSchedule("hybrid_gq", total_steps=10, warmup_steps=4)
+    for t in (0, 3, 7, 10):
+        assert_batch(s.train_mask(t, AM), GQ, f"hybrid_gq t={t}")
+        assert_batch(s.train_mask(t, AM, tower="answer"), CAUSAL, f"hybrid_gq answer t={t}", CAUSAL_PADDED)
+    assert_batch(s.inference_mask(AM), GQ, "hybrid_gq inference")
+    assert_batch(s.inference_mask(AM, tower="answer"), CAUSAL, "hybrid_gq answer inference", CAUSAL_PADDED)
+    assert s.mean_future_weight(0, 5) == pytest.approx(4 / 10)
+
+
+def test_hybrid_mlp_schedule_starts_nearly_causal_and_learns():
+    torch.manual_seed(0)
+    s = ggsm.MaskSchedule("hybrid_mlp", total_steps=10, warmup_steps=4, n_layers=2, hidden_size=8)
+    assert isinstance(s.module, ggsm.HybridMLPBias)
+    h = torch.randn(2, 5, 8)
+    for t in (0, 3, 7, 10):
+        mask = s.train_mask(t, AM, torch.float32)
+        assert callable(mask)
+        for layer in (0, 1):
+            assert_batch(mask(layer, h), MLP_INIT, f"hybrid_mlp t={t} layer {layer}")
+    assert s.mean_future_weight(0) == pytest.approx(0.02)
+    assert_batch(s.inference_mask(AM, torch.bfloat16)(1, h.bfloat16()), MLP_INIT, "hybrid_mlp bf16", dtype=torch.bfloat16)
+    # the bias is a function of h_i: after a few optimizer steps pushing row 0's future weight up and
+    # row 3's down, the two rows differ, and the mask stays in the (0, 1) weight range
+    h = torch.randn(1, 5, 8)
+    am = torch.ones(1, 5, dtype=torch.long)
+    for _ in range(10):
+        m = s.train_mask(0, am)(0, h)[0, 0]  # (5, 5)
+        loss = -m[0, 1:].mean() + m[3, 4]
+        s.module.zero_grad()
+        loss.backward()
+        with torch.no_grad():  # plain sign-SGD (torch.optim imports dynamo: seconds of test time)
+            for p in s.module.mlps[0].parameters():  # only layer 0's MLP is used here
+                p -= 0.01 * p.grad.sign()
+    w = s.train_mask(0, am)(0, h)[0, 0].exp().detach()
+    assert w[0, 1] > 0.03 and w[3, 4] < 0.015, w
+    assert torch.allclose(w[0, 1:], w[0, 1].expand(4)) and (w.tril() == torch.ones(5, 5).tril()).all()
+    assert (w <= 1).all() and (w.triu(1)[w.triu(1) > 0] < 1).all() and (w > 0).all()
+
+
+def test_ggsm_ramp_endpoints_exact():
+    s, _ = run_ggsm_warmup("ggsm", total=13, warm=3)
+    w_frozen = torch.sigmoid(torch.tensor([0.0, LN9, LN4, LN3, LN9], dtype=torch.float64)).float()
+    assert torch.equal(s.future_weights(3, 5), w_frozen)  # alpha = 0 at t = T_warm: exactly the frozen weights
+    alpha = (12 - 3) / (13 - 3)
+    assert torch.allclose(s.future_weights(12, 5), (1 - alpha) * w_frozen + alpha, atol=0, rtol=1e-7)
+    assert torch.equal(s.train_mask(13, AM), ggsm.bidirectional_mask(AM))  # t = T_total: exactly bidirectional
+    weights = [s.mean_future_weight(t, 5) for t in range(3, 14)]
+    assert all(b > a for a, b in zip(weights, weights[1:])) and weights[-1] == 1.0
+
+
+def test_ggsm_without_warmup_never_takes_log_zero():
+    # official code: frozen buffer empty -> log(alpha), a ValueError at alpha = 0; here w starts at sigma(0)
+    s = ggsm.MaskSchedule("ggsm", total_steps=4, warmup_steps=0, n_layers=2)
+    assert s.phase(0) == "ramp" and not s.wants_gradients(0)
+    assert_batch(s.train_mask(0, AM), GGSM_HALF, "ggsm T_warm=0 t=0")
+    assert torch.isfinite(s.train_mask(0, AM, torch.float16)).all()
+
+
+def test_forgotten_end_step_is_an_error():
+    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=2, n_layers=2)
+    with pytest.raises(RuntimeError, match="end_step"):
+        s.train_mask(5, AM)
+
+
+# -----------------------------------------------------------------------------
+# gradient importance
+
+
+def test_importance_equals_sigmoid_of_per_column_norms():
+    torch.manual_seed(0)
+    imp = ggsm.GradientImportance()
+    expected_sum, expected_cnt = [0.0] * 7, [0] * 7
+    for L, lengths in ((7, (7, 3, 5)), (4, (2, 4))):  # two micro-steps of different lengths
+        am = torch.tensor([[1] * n + [0] * (L - n) for n in lengths])
+        g = torch.randn(len(lengths), L, 6) * 3
+        g[am == 0] = 1e4  # padded rows must not count
+        imp.accumulate(g, am)
+        for b, n in enumerate(lengths):
+            for j in range(n):
+                expected_sum[j] += math.sqrt(sum(float(x) ** 2 for x in g[b, j]))
+                expected_cnt[j] += 1
+    imp.end_step()
+    I = [s_ / c for s_, c in zip(expected_sum, expected_cnt)]
+    want = torch.tensor([1 / (1 + math.exp(-x)) for x in I])
+    assert torch.allclose(imp.weights(7), want, atol=1e-6), (imp.weights(7), want)
+    # fallback for unseen positions: mean importance of the seen ones
+    assert torch.allclose(imp.weights(9)[7:], torch.tensor(1 / (1 + math.exp(-sum(I) / 7))).expand(2), atol=1e-6)
+    assert imp.updates == 1 and imp._sum is None
+
+
+def test_importance_scale_ema_and_normalisation():
+    am = torch.ones(1, 3, dtype=torch.long)
+    imp = ggsm.GradientImportance(ema=0.75)
+    imp.accumulate(grad_with_norms([[1.0, 2.0, 4.0]]), am, scale=2.0)  # scale undoes loss / grad_accum
+    imp.end_step()
+    assert torch.allclose(imp.importance, torch.tensor([2.0, 4.0, 8.0], dtype=torch.float64))  # first sighting
+    imp.accumulate(grad_with_norms([[0.0, 0.0, 0.0, 4.0]]), torch.ones(1, 4, dtype=torch.long))
+    imp.end_step()
+    assert torch.allclose(imp.importance, torch.tensor([1.5, 3.0, 6.0, 4.0], dtype=torch.float64))  # EMA 0.75
+    imp.end_step()  # a step without gradients (e.g. all micro-batches skipped) changes nothing
+    assert imp.updates == 2
+    x = imp.importance
+    for how, want in (("none", x), ("max", x / 6.0), ("mean", x / x.mean()), ("zscore", (x - x.mean()) / x.std(unbiased=False))):
+        imp.normalize = how
+        assert torch.allclose(imp.weights(4).double(), torch.sigmoid(want), atol=1e-6), how
+    imp.normalize = "zscore"
+    w = imp.weights(4)
+    assert w.min() < 0.5 < w.max()  # zscore spreads the weights on both sides of sigma(0)
+    with pytest.raises(ValueError, match="normalize"):
+        ggsm.GradientImportance(normalize="softmax")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def _roundtrip(sd, tmp_path, name):
+    """Tensors through safetensors, plain numbers through JSON, like a checkpoint."""
+    tensors = {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    numbers = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / f"{name}.json").write_text(json.dumps(numbers))
+    return {**load_file(str(tmp_path / f"{name}.safetensors")), **json.loads((tmp_path / f"{name}.json").read_text())}
+
+
+def test_state_dict_round_trip(tmp_path):
+    for strategy in ("ggsm", "hybrid_mask"):
+        s, _ = run_ggsm_warmup(strategy)
+        fresh = ggsm.MaskSchedule(strategy, total_steps=10, warmup_steps=4, n_layers=2)
+        fresh.load_state_dict(_roundtrip(s.state_dict(), tmp_path, strategy))
+        for t in (4, 7, 9):
+            assert torch.equal(fresh.train_mask(t, AM), s.train_mask(t, AM)), (strategy, t)
+        assert torch.equal(fresh.inference_mask(AM), s.inference_mask(AM))
+    # mid-warm-up checkpoint: no frozen weights yet, the importance carries on
+    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
+    s.accumulate(G1, AM); s.end_step(0)
+    fresh = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
+    fresh.load_state_dict(_roundtrip(s.state_dict(), tmp_path, "mid"))
+    assert "frozen_importance" not in s.state_dict() and fresh.importance.updates == 1
+    assert_batch(fresh.train_mask(1, AM), GGSM_WARM, "ggsm after resume t=1")
+    # hybrid_mlp: the MLP weights travel with the schedule
+    torch.manual_seed(1)
+    m = ggsm.MaskSchedule("hybrid_mlp", 10, 0, n_layers=2, hidden_size=8)
+    for p in m.module.parameters():
+        p.data.normal_()
+    fresh = ggsm.MaskSchedule("hybrid_mlp", 10, 0, n_layers=2, hidden_size=8)
+    fresh.load_state_dict(_roundtrip(m.state_dict(), tmp_path, "mlp"))
+    h = torch.randn(2, 5, 8)
+    assert torch.equal(fresh.train_mask(0, AM)(1, h), m.train_mask(0, AM)(1, h))
+    with pytest.raises(KeyError, match="missing keys"):
+        fresh.load_state_dict({})
+    assert ggsm.MaskSchedule("causal", 10).state_dict() == {}
+
+
+# -----------------------------------------------------------------------------
+# two ranks, different gradients, one mask
+
+
+def _gloo_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # different gradients on each rank
+        s = ggsm.MaskSchedule("ggsm", total_steps=8, warmup_steps=3, n_layers=2)
+        L = 6 if rank == 0 else 4  # and different lengths
+        am = torch.ones(2, L, dtype=torch.long)
+        am[1, L - 2:] = 0
+        grads = []
+        for t in range(3):
+            for micro in range(2):
+                g = torch.rand(2, L, 4) * (rank + 1)
+                grads.append(g)
+                s.accumulate(g, am)
+            s.end_step(t)
+        full = torch.ones(2, 6, dtype=torch.long)
+        save_file({"mask": s.train_mask(5, full).contiguous(), "frozen": s.frozen,
+                   "last_grads": torch.stack(grads[-2:]), "am": am}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_gloo_masks_identical(tmp_path):
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert torch.equal(r0["mask"], r1["mask"]) and torch.equal(r0["frozen"], r1["frozen"])
+    # and the frozen importance is the mean over both ranks' real rows of the last warm-up step
+    sums, cnts = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    for r in (r0, r1):
+        for g in r["last_grads"]:
+            n = g.double().norm(dim=-1) * r["am"]  # (2, L)
+            sums[:n.shape[1]] += n.sum(0)
+            cnts[:n.shape[1]] += r["am"].sum(0)
+    assert torch.allclose(r0["frozen"], sums / cnts)
+    # without the all-reduce rank 0 would have used its own rows only
+    n0 = sum(g.double().norm(dim=-1) * r0["am"] for g in r0["last_grads"]).sum(0) / (2 * r0["am"].sum(0))
+    assert not torch.allclose(r0["frozen"][:6], n0, atol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# masked InfoNCE (Eq. 6-8)
+
+
+def naive_info_nce(U, A, tau, margin, same_side):
+    """Eq. 6-8 with Python loops and floats; returns the loss and how many terms the margin dropped."""
+    def cos(x, y):
+        return sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+    U, A = U.tolist(), A.tolist()
+    N, total, dropped = len(U), 0.0, 0
+    for i in range(N):
+        pos = cos(U[i], A[i])
+        Z = math.exp(pos / tau)
+        pairs = [(U[i], A[j]) for j in range(N) if j != i]
+        if same_side:
+            pairs += [(U[i], U[j]) for j in range(N) if j != i] + [(A[i], A[j]) for j in range(N) if j != i]
+        for x, y in pairs:
+            s = cos(x, y)
+            if s > pos + margin:  # m_ij = 0
+                dropped += 1
+            else:
+                Z += math.exp(s / tau)
+        total += -math.log(math.exp(pos / tau) / Z)
+    return total / N, dropped
+
+
+def _embeddings(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(6, 5, generator=g, dtype=dtype)
+    A = U + 0.8 * torch.randn(6, 5, generator=g, dtype=dtype)  # positives correlated with their user
+    A[2] = U[0] + 0.01  # a false negative for u_0 -> a_2
+    U[4] = U[3] * 1.5 + 0.02  # near-duplicate users: u-u and, through their answers, a-a terms
+    A[5] = A[1] * 0.9 + 0.05  # (a pure rescale would tie s(u_1, a_5) with the positive at margin 0)
+    return U, A
+
+
+def test_info_nce_matches_naive_loop():
+    U, A = _embeddings()
+    for same_side in (True, False):
+        for tau, margin in ((0.05, 0.1), (0.5, 0.0), (1.0, 10.0)):
+            want, dropped = naive_info_nce(U, A, tau, margin, same_side)
+            got = ggsm.info_nce(torch.nn.functional.normalize(U, dim=-1), torch.nn.functional.normalize(A, dim=-1), tau, margin, same_side)
+            assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-10), (same_side, tau, margin)
+            if margin < 1:
+                assert dropped > 0, "the case must exercise the margin mask"
+    # float32 input works and agrees
+    got32 = ggsm.info_nce(U.float(), A.float(), 0.05, 0.1)
+    assert got32.dtype == torch.float32 and got32.item() == pytest.approx(naive_info_nce(U, A, 0.05, 0.1, True)[0], rel=1e-4)
+    # no negative at all (N = 1): loss is -log(1) = 0
+    assert ggsm.info_nce(U[:1], A[:1], 0.05, 0.1).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_info_nce_gradient_finite_differences():
+    U, A = _embeddings()
+    for same_side in (True, False):
+        u, a = U.clone().requires_grad_(), A.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: ggsm.info_nce(x, y, 0.1, 0.1, same_side), (u, a), eps=1e-6, atol=1e-6)
+        loss = ggsm.info_nce(u, a, 0.05, 0.1, same_side)
+        loss.backward()
+        assert torch.isfinite(u.grad).all() and torch.isfinite(a.grad).all()
