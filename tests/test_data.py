@@ -4,8 +4,8 @@ scikit-learn bag-of-words baseline that learns the tasks without solving them).
 
     python -m pytest -q tests/test_data.py
 """
+import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -44,7 +44,6 @@ def tok():
 
 
 def template(tok, modalities=("bill", "search", "tabular"), **kw):
-    import copy
     return data.Template(copy.deepcopy(tok), list(modalities), {"tabular": 3}, **kw)
 
 
@@ -177,6 +176,15 @@ def test_round_trip_tags_order_and_user_index(tok, tmp_path):
     ans = t.encode_answer({"answer": "next month: cinema tickets; food delivery"})
     assert ans[-1] == t.eos_id
     assert t.tokenizer.decode(ans, skip_special_tokens=False) == "next month: cinema tickets; food delivery<|endoftext|>"
+
+
+def test_tokenizer_padding_and_truncation_settings_ignored(tok):
+    t0 = template(tok)
+    odd = copy.deepcopy(tok)
+    odd.enable_padding(length=40)
+    odd.enable_truncation(max_length=2)
+    t1 = data.Template(odd, ["bill", "search", "tabular"], {"tabular": 3})
+    assert t1.encode_user(REC) == t0.encode_user(REC)
 
 
 def test_other_modalities_sorted_after_paper_order(tok):
