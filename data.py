@@ -23,7 +23,7 @@ The record (one JSON object per line):
      "labels": {"movie": 1, "transit": 0}}                            # needed to probe
 
 Command line (writes the synthetic benchmark and prints a summary):
-    python data.py --out data/synthetic --n-train 4000 --n-probe 2000 --seed 0
+    python data.py --out cache/synthetic --n-train 4000 --n-probe 2000 --seed 0
 """
 
 import datetime
@@ -711,7 +711,7 @@ def record_texts(records):
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="write the synthetic user benchmark")
-    ap.add_argument("--out", default="data/synthetic")
+    ap.add_argument("--out", default="cache/synthetic")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-probe", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
