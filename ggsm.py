@@ -291,6 +291,8 @@ class GradientImportance:
         seen = c > 0
         # right padding: a row with a token at j has tokens at 0..j, so the seen positions are a prefix
         n_new = int(seen.sum())
+        if not seen[:n_new].all():
+            raise ValueError("GradientImportance.end_step: the positions with tokens are not a prefix; padding must be on the right")
         step_imp = s[:n_new] / c[:n_new]  # (n_new,) mean over real rows
         old = self.importance
         new = torch.zeros(max(old.numel(), n_new), dtype=torch.float64)

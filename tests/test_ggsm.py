@@ -186,6 +186,12 @@ def test_bad_inputs_raise_clear_errors():
         ggsm.MaskSchedule("ggsm", 10, 2)
     with pytest.raises(ValueError, match="info_nce"):
         ggsm.info_nce(torch.randn(3, 4), torch.randn(4, 4), 0.05, 0.1)
+    imp = ggsm.GradientImportance()
+    imp.accumulate(torch.ones(1, 3, 2), torch.tensor([[0, 1, 1]]))  # left padding
+    with pytest.raises(ValueError, match="padding must be on the right"):
+        imp.end_step()
+    with pytest.raises(ValueError, match="retain_grad"):
+        imp.accumulate(None, AM)
 
 
 # -----------------------------------------------------------------------------
@@ -513,3 +519,102 @@ def test_info_nce_gradient_finite_differences():
         loss = ggsm.info_nce(u, a, 0.05, 0.1, same_side)
         loss.backward()
         assert torch.isfinite(u.grad).all() and torch.isfinite(a.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# with the decoder (model.py): where dL/dh is taken, and a few training steps under every strategy
+
+model = pytest.importorskip("model")
+
+
+def tiny_encoder(pooling, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = model.ModelConfig(model_type="qwen2", vocab_size=40, hidden_size=16, intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    dec = model.Decoder(cfg).to(dtype)
+    with torch.no_grad():  # random init small enough that attention is near uniform: sharpen it
+        for p in dec.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.UserEncoder(dec, special_token_ids=[40], vector_dims={}, pooling=pooling), cfg
+
+
+def importance_after_one_step(enc, strategy_layer, ids, am, pool, answers):
+    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=2, n_layers=2, capture_layer=strategy_layer)
+    u, h = enc(ids, am, pool, mask=s.train_mask(0, am), return_layer=s.capture_layer)
+    h.retain_grad()
+    ggsm.info_nce(u, answers, 0.05, 0.1).backward()
+    per_row = h.grad.double().norm(dim=-1)  # (B, L)
+    s.accumulate(h.grad, am)
+    s.end_step(0)
+    return s.importance.importance, per_row
+
+
+def test_capture_layer_default_varies_literal_final_layer_is_degenerate():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (4, 7), generator=g)
+    ids[:, -1] = 40  # <USER> pooled at the last position
+    full = torch.ones(4, 7, dtype=torch.long)
+    pool = torch.full((4,), 6)
+    answers = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    for pooling in ("mean", "token"):
+        enc, cfg = tiny_encoder(pooling)
+        # default: the input of the last block; the importance differs from position to position
+        imp, _ = importance_after_one_step(enc, None, ids, full, pool, answers)
+        assert imp.numel() == 7 and (imp > 0).all() and imp.std() / imp.mean() > 0.05, (pooling, imp)
+        # literal (the paper's "Last Hidden"): the final normed output
+        imp, per_row = importance_after_one_step(enc, cfg.num_hidden_layers, ids, full, pool, answers)
+        if pooling == "mean":  # dL/dh_j = dL/dpool / n: the same for every position of a row
+            assert torch.allclose(per_row, per_row[:, :1].expand(-1, 7), rtol=1e-5), per_row
+            assert torch.allclose(imp, imp[0].expand(7), rtol=1e-5) and imp[0] > 0, imp
+        else:  # zero except at the pooled <USER> token
+            assert (imp[:6] == 0).all() and imp[6] > 0, imp
+            w = ggsm.GradientImportance(); w.importance = imp
+            assert (w.weights(7)[:6] == 0.5).all()  # the mask would be sigma(0) = 0.5 on every other column
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_trains_under_every_strategy(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, Lu, La = 4, 7, 4
+    ids = torch.randint(0, 40, (B, Lu), generator=g)
+    lens = torch.tensor([7, 5, 6, 3])
+    am = (torch.arange(Lu)[None] < lens[:, None]).long()
+    ids[torch.arange(B), lens - 1] = 40  # <USER> at the last real token
+    aids = torch.randint(0, 40, (B, La), generator=g)
+    alens = torch.tensor([4, 2, 3, 4])
+    aam = (torch.arange(La)[None] < alens[:, None]).long()
+    for strategy in ggsm.STRATEGIES:
+        enc, cfg = tiny_encoder("token", dtype)
+        s = ggsm.MaskSchedule(strategy, total_steps=4, warmup_steps=2, n_layers=cfg.num_hidden_layers,
+                              hidden_size=cfg.hidden_size)
+        params = [p for p in enc.parameters() if p.requires_grad] + (list(s.module.parameters()) if s.module else [])
+        before = [p.detach().clone() for p in params]
+        phases = []
+        for step in range(5):  # passes warm-up, ramp / window, and the bidirectional end
+            phases.append(s.phase(step))
+            mu, ma = s.train_mask(step, am, dtype), s.train_mask(step, aam, dtype, tower="answer")
+            u, h = enc(ids, am, lens - 1, mask=mu, return_layer=s.capture_layer or 0)
+            h.retain_grad()
+            a = enc(aids, aam, alens - 1, mask=ma)
+            loss = ggsm.info_nce(u, a, 0.05, 0.1)
+            assert torch.isfinite(loss), (strategy, dtype, step)
+            for p in params:
+                p.grad = None
+            loss.backward()
+            if s.wants_gradients(step):
+                s.accumulate(h.grad, am)
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        assert torch.isfinite(p.grad).all(), (strategy, dtype, step)
+                        p -= 0.05 * p.grad.sign().to(p.dtype)  # plain sign-SGD, same on every strategy
+            s.end_step(step)
+        changed = sum(not torch.equal(p, b) for p, b in zip(params, before))
+        assert changed > 0 and all(torch.isfinite(p).all() for p in params), strategy
+        with torch.no_grad():
+            e = enc(ids, am, lens - 1, mask=s.inference_mask(am, dtype))
+        assert torch.isfinite(e).all() and e.shape == (B, 16), (strategy, phases)
+        if strategy == "ggsm":
+            assert phases == ["warmup", "warmup", "ramp", "ramp", "bidirectional"]
+            assert s.frozen is not None and s.frozen.numel() == Lu
