@@ -273,6 +273,11 @@ class Attention(nn.Module):
         k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
         v = v.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
         if impl == "sdpa":
+            # SDPA wants the mask in the dtype it really runs in (under autocast: the autocast dtype); cast and
+            # clamp again, since an fp32 finfo.min rounds to -inf in bf16
+            dt = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+            if mask.dtype != dt:
+                mask = mask.to(dt).clamp(min=torch.finfo(dt).min)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # never with is_causal: the mask says it all
         elif impl == "manual":  # the readable spec; also where attention weights could be read off
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))  # (B, nh, L, L)
@@ -380,6 +385,7 @@ class Decoder(nn.Module):
             return m.to(device=h.device, dtype=dtype).clamp(min=torch.finfo(dtype).min)
 
         static_mask = None if callable(mask) else prepare(mask)
+
         def capture(h):  # h_k must be the very tensor used downstream, with a graph even under a frozen base
             if torch.is_grad_enabled() and not h.requires_grad:
                 h = h.detach().requires_grad_(True)  # so autograd.grad(loss, h_k) works
@@ -615,6 +621,7 @@ class UserEncoder(nn.Module):
         if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
             raise ValueError(f"UserEncoder: special_token_ids must be distinct non-negative ids, got {ids}")
         self.decoder, self.pooling = decoder, pooling
+        decoder.model.embed_tokens.weight.requires_grad_(False)  # the base rows stay as pretrained
         W = decoder.model.embed_tokens.weight.detach()
         V, D = W.shape
         self.register_buffer("special_ids", torch.tensor(ids, dtype=torch.long, device=W.device), persistent=False)
