@@ -417,8 +417,9 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
                 emb = encoder(side.input_ids, side.attention_mask, side.pool_index, mask=mask,
                               vectors=side.vectors, vector_pos=side.vector_pos)
                 out.append(emb.float().cpu().numpy())
-                print(f"\rembedding batch {i + 1}/{total if total is not None else '?'}", end="",
-                      file=sys.stderr, flush=True)
+                n_users = sum(len(e) for e in out)
+                print(f"\rembedding: batch {i + 1}/{total if total is not None else '?'}, {n_users} users",
+                      end="", file=sys.stderr, flush=True)
     finally:
         encoder.train(was_training)
     print(file=sys.stderr)

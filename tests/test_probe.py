@@ -292,3 +292,70 @@ def test_embeddings_round_trip(tmp_path, dtype):
     assert not (tmp_path / "emb.safetensors.tmp").exists()
     with pytest.raises(ValueError, match="do not match"):
         save_embeddings(path, E, ids[:4])
+
+
+# ---------------------------------------------------------------- embedding users with the encoder
+
+STRATEGIES = ("causal", "oracle", "bidirectional", "scheduler", "ggsm", "hybrid_mask", "hybrid_mlp", "hybrid_gq")
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_and_users(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    data, model = pytest.importorskip("data"), pytest.importorskip("model")
+    _, probe_path = data.write_synthetic(tmp_path_factory.mktemp("users"), n_train=0, n_probe=7, seed=0)
+    records, report = data.load_records(probe_path, require=("labels",))
+    short = dict(records[0], user_id="short")  # two text events and the tabular vector: a very short user
+    short["events"] = [e for e in records[0]["events"] if "text" in e][:2] + [e for e in records[0]["events"] if "vector" in e]
+    records.append(short)
+    tok = data.train_tokenizer(data.record_texts(records), vocab_size=300)
+    vocab = tok.get_vocab_size()  # the "checkpoint" vocabulary: the template's tags get ids beyond it
+    template = data.Template(tok, report.modalities, {"tabular": 8}, max_len=160, global_token=True)
+    torch.manual_seed(0)
+    cfg = model.ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    encoder = model.UserEncoder(model.Decoder(cfg), template.special_token_ids, {"tabular": 8})
+    ds = data.UserDataset(records, template, with_answer=False)
+    return encoder, ds
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strategy):
+    # A user's embedding is the same alone (no padding) and right-padded in a batch of much longer
+    # users, under every strategy's inference mask.
+    import torch
+    import data
+    import ggsm
+    encoder, ds = tiny_encoder_and_users
+    schedule = ggsm.MaskSchedule(strategy, total_steps=4, warmup_steps=2, n_layers=2, hidden_size=32)
+    L = max(ds.lengths)
+    if schedule.importance is not None:  # non-uniform learnt future weights, frozen after warm-up
+        g = torch.randn(1, L, 32, generator=torch.Generator().manual_seed(1))
+        for step in range(2):
+            schedule.accumulate(g * (step + 1), torch.ones(1, L, dtype=torch.long))
+            schedule.end_step(step)
+    by_length = sorted(range(len(ds)), key=lambda i: ds.lengths[i])
+    order = [by_length[0]] + by_length[-3:] + by_length[1:-3]  # shortest user first, with the longest three
+    assert ds.lengths[order[0]] * 2 < ds.lengths[order[1]], "the test needs users of very different lengths"
+    batches = [data.collate([ds[i] for i in order[:4]]), data.collate([ds[i] for i in order[4:]])]
+    alone = [data.collate([ds[i]]) for i in order]
+    encoder.train()
+    E_batched = probe.embed_users(encoder, batches, schedule.inference_mask, "cpu")
+    E_alone = probe.embed_users(encoder, alone, schedule.inference_mask, "cpu")
+    assert encoder.training, "embed_users must restore the encoder's mode"
+    assert E_batched.shape == (len(ds), 32) and E_batched.dtype == np.float32
+    diff = np.abs(E_batched - E_alone).max()
+    assert diff <= 1e-5, f"{strategy}: embedding alone vs padded in a batch: max |diff| {diff:.2e}"
+    # the same numbers as a direct, gradient-free call of the encoder on the batch
+    encoder.eval()
+    with torch.no_grad():
+        side = batches[0].user
+        ref = encoder(side.input_ids, side.attention_mask, side.pool_index,
+                      mask=schedule.inference_mask(side.attention_mask, torch.float32),
+                      vectors=side.vectors, vector_pos=side.vector_pos)
+    np.testing.assert_allclose(E_batched[:4], ref.numpy(), rtol=0, atol=1e-6)
+    # the masks must matter: a causal and a bidirectional encoder do not embed alike
+    if strategy == "bidirectional":
+        E_causal = probe.embed_users(encoder, alone, ggsm.MaskSchedule("causal", 4).inference_mask, "cpu")
+        assert np.abs(E_causal - E_alone).max() > 1e-3
+
