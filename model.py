@@ -107,7 +107,8 @@ class ModelConfig:
 
         model_type = need("model_type")
         if model_type not in ("qwen2", "qwen3", "llama", "mistral"):
-            raise ValueError(f"{where}: unsupported model_type {model_type!r} (supported: qwen2, qwen3, llama, mistral)")
+            raise ValueError(f"{where}: unsupported model_type {model_type!r} "
+                             "(supported: qwen2, qwen3, llama, mistral)")
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (only silu)")
         if c.get("mlp_bias", False):
@@ -488,6 +489,9 @@ class Decoder(nn.Module):
         tmp = os.path.join(path, "model.safetensors.tmp")
         save_file(sd, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, "model.safetensors"))
+        stale_index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(stale_index):  # from_pretrained would prefer an old sharded copy over this file
+            os.remove(stale_index)
         cfg = self.config.to_hf_dict()
         cfg["torch_dtype"] = str(self.model.embed_tokens.weight.dtype).replace("torch.", "")
         tmp = os.path.join(path, "config.json.tmp")
@@ -542,7 +546,8 @@ class LoRALinear(nn.Module):
         self.merged = True
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}, merged={self.merged}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}, "
+                f"merged={self.merged}")
 
 
 def add_lora(module, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -578,7 +583,8 @@ def load_lora_state_dict(module, sd):
     with torch.no_grad():
         for k, v in sd.items():
             if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"load_lora_state_dict: {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+                raise ValueError(f"load_lora_state_dict: {k!r} has shape {tuple(v.shape)}, "
+                                 f"expected {tuple(own[k].shape)}")
             own[k].copy_(v)
 
 
@@ -672,12 +678,12 @@ class UserEncoder(nn.Module):
         x = self.embed(input_ids, vectors, vector_pos)
         out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer)
         hidden, h_k = out if return_layer is not None else (out, None)
+        # pooling, projector and normalisation in fp32, whatever the decoder's dtype
         if self.pooling == "token":  # <USER> for users, EOS for answers
-            e = hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_index]  # (B, D)
+            e = hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_index].float()  # (B, D)
         else:  # mean over real tokens
-            w = attention_mask.to(hidden.dtype)[..., None]  # (B, L, 1)
-            e = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-        e = e.float()
+            w = attention_mask.float()[..., None]  # (B, L, 1)
+            e = (hidden.float() * w).sum(1) / w.sum(1).clamp(min=1)
         if self.projector is not None:
             e = self.projector(e)
         e = F.normalize(e, dim=-1)  # (B, E) fp32

@@ -329,6 +329,13 @@ def test_loader_sharded_equals_single_and_tied(tmp_path):
     assert one.lm_head.weight is one.model.embed_tokens.weight
     for (n, a), (_, b) in zip(one.state_dict().items(), many.state_dict().items()):
         assert torch.equal(a, b), n
+    # a tied checkpoint that stores the head anyway: accepted if identical, refused otherwise
+    emb = "model.embed_tokens.weight"
+    ok = _rewrite(tmp_path / "one", tmp_path / "head_ok", lambda sd: sd.update({"lm_head.weight": sd[emb].clone()}))
+    assert torch.equal(Decoder.from_pretrained(ok).lm_head.weight, one.lm_head.weight)
+    bad = _rewrite(tmp_path / "one", tmp_path / "head_bad", lambda sd: sd.update({"lm_head.weight": sd[emb] + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight differs"):
+        Decoder.from_pretrained(bad)
 
 
 @pytest.mark.parametrize("src", [torch.bfloat16, torch.float16])
@@ -578,3 +585,53 @@ def test_user_encoder_training_surface():
     other.load_trainable_state_dict({k: v.clone() for k, v in sd.items()})
     with torch.no_grad():
         assert torch.equal(other(ids, am, torch.tensor([3])), enc(ids, am, torch.tensor([3])))
+
+
+# --- real configs: the published config.json files of the target checkpoints, built on the meta device ----
+
+REAL_CONFIGS = {
+    "Qwen2.5-0.5B-Instruct": dict(
+        architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
+        hidden_act="silu", hidden_size=896, initializer_range=0.02, intermediate_size=4864,
+        max_position_embeddings=32768, max_window_layers=21, model_type="qwen2", num_attention_heads=14,
+        num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-06, rope_theta=1000000.0,
+        sliding_window=32768, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True,
+        use_sliding_window=False, vocab_size=151936),
+    "Llama-3.2-1B": dict(
+        architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=128000,
+        eos_token_id=128001, head_dim=64, hidden_act="silu", hidden_size=2048, initializer_range=0.02,
+        intermediate_size=8192, max_position_embeddings=131072, mlp_bias=False, model_type="llama",
+        num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8, pretraining_tp=1, rms_norm_eps=1e-05,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True, vocab_size=128256),
+    "Qwen3-0.6B": dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
+        eos_token_id=151645, head_dim=128, hidden_act="silu", hidden_size=1024, initializer_range=0.02,
+        intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28, model_type="qwen3",
+        num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+        rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+        torch_dtype="bfloat16", use_cache=True, use_sliding_window=False, vocab_size=151936),
+    "Mistral-7B-v0.3": dict(
+        architectures=["MistralForCausalLM"], attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+        hidden_act="silu", hidden_size=4096, initializer_range=0.02, intermediate_size=14336,
+        max_position_embeddings=32768, model_type="mistral", num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, rms_norm_eps=1e-05, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, vocab_size=32768),
+}
+N_PARAMS = {"Qwen2.5-0.5B-Instruct": 494_032_768, "Llama-3.2-1B": 1_235_814_400}  # published sizes
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_real_configs_match_transformers_parameters(name):
+    raw = REAL_CONFIGS[name]
+    cfg = ModelConfig.from_hf_config(dict(raw))
+    with torch.device("meta"):
+        ours = Decoder(cfg)
+        hf_cfg = transformers.AutoConfig.for_model(**raw)
+        ref = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    mine = {n: tuple(p.shape) for n, p in ours.named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    assert mine == theirs, f"{name}: names/shapes differ: {sorted(set(mine.items()) ^ set(theirs.items()))[:6]}"
+    if name in N_PARAMS:
+        assert sum(p.numel() for p in ours.parameters()) == N_PARAMS[name]
