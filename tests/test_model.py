@@ -6,8 +6,6 @@ mask and under custom 4D bidirectional / soft masks fed to both (HF eager uses a
 
     python -m pytest -q tests/test_model.py
 """
-import json
-import math
 import os
 
 import pytest
