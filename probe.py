@@ -36,6 +36,12 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import data
+import ggsm
+import model
 
 # The paper's task order (Table 2 columns); must equal data.TASKS (a test checks it). Kept here so
 # the numeric part of the probe imports NumPy only.
@@ -403,7 +409,6 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     mask_fn(attention_mask, dtype) -> the strategy's inference mask (a tensor or a per-layer callable),
     e.g. MaskSchedule.inference_mask; None means the encoder's default (causal).
     Returns (N, E) float32, in batch order."""
-    import torch  # the only torch use in this file's numeric part
     dtype = next(encoder.parameters()).dtype
     total = len(batches) if hasattr(batches, "__len__") else None
     was_training = encoder.training
@@ -429,6 +434,177 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# command line: checkpoint loading and main() are defined together with train.py's checkpoint format
+# checkpoints and the command line
 
-# ==== main() (checkpoint loading, CLI) goes here ====
+# -----------------------------------------------------------------------------
+# checkpoints: rebuilding the encoder that train.py trained (train.py imports these too)
+
+def build_encoder(spec, device="cpu"):
+    """Decoder (+ LoRA) + UserEncoder + MaskSchedule from a run's spec (the `spec` of checkpoint/state.json)."""
+    base = spec["base_model"]
+    decoder = model.Decoder.from_pretrained(base, dtype=getattr(torch, spec["dtype"]), device=device)
+    cfg = decoder.config
+    template = data.Template(os.path.join(base, "tokenizer.json"), spec["modalities"], spec["vector_dims"],
+                             max_len=spec["max_len"], global_token=spec["global_token"],
+                             max_answer_len=spec["answer_max_len"])
+    if spec.get("lora"):
+        lora = spec["lora"]
+        model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
+    else:
+        decoder.requires_grad_(False)
+    projector = [cfg.hidden_size] + list(spec["projector"]) if spec.get("projector") else None
+    encoder = model.UserEncoder(decoder, template.special_token_ids, spec["vector_dims"],
+                                pooling=spec["pooling"], projector_dims=projector).to(device)
+    m = spec["mask"]
+    schedule = ggsm.MaskSchedule(m["strategy"], m["total_steps"], m["warmup_steps"], capture_layer=m.get("capture_layer"),
+                                 ema=m.get("ema", 0.0), normalize=m.get("normalize", "none"),
+                                 n_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size)
+    if schedule.module is not None:
+        schedule.module.to(device)
+    return encoder, template, schedule
+
+
+def trainable_tensors(encoder, schedule):
+    """Everything a run learned, as (named tensors for safetensors, JSON-able schedule state)."""
+    tensors = {"encoder." + k: v.detach().contiguous() for k, v in encoder.trainable_state_dict().items()}
+    if schedule.module is not None:
+        tensors.update({"mask." + k: v.detach().contiguous() for k, v in schedule.module.state_dict().items()})
+    plain = {}
+    for k, v in schedule.state_dict().items():
+        if torch.is_tensor(v):
+            tensors["schedule." + k] = v.detach().contiguous()
+        else:
+            plain[k] = v
+    return tensors, plain
+
+
+def load_trainable(encoder, schedule, tensors, plain):
+    """Inverse of trainable_tensors; a missing or unexpected tensor names itself."""
+    expected, _ = trainable_tensors(encoder, schedule)
+    # the schedule's tensors change with its phase (frozen weights appear at the freeze): it checks its own
+    learned = lambda keys: {k for k in keys if not k.startswith("schedule.")}
+    missing, unexpected = sorted(learned(expected) - tensors.keys()), sorted(learned(tensors) - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in tensors.items():
+        if k in learned(expected) and v.shape != expected[k].shape:
+            raise ValueError(f"checkpoint tensor {k}: shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    encoder.load_state_dict(pick("encoder."), strict=False)  # keys checked above; the frozen base is not in it
+    if schedule.module is not None:
+        schedule.module.load_state_dict(pick("mask."))
+    schedule.load_state_dict({**plain, **pick("schedule.")})
+
+
+def load_checkpoint(checkpoint_dir, device="cpu"):
+    with open(os.path.join(checkpoint_dir, "state.json")) as f:
+        state = json.load(f)
+    encoder, template, schedule = build_encoder(state["spec"], device)
+    load_trainable(encoder, schedule, load_file(os.path.join(checkpoint_dir, "trainable.safetensors"), device=str(device)),
+                   state.get("schedule", {}))
+    return encoder, template, schedule, state
+
+
+def embed_records(encoder, template, schedule, records, device, batch_size=64):
+    """Embeddings (N, E) of records in file order, under the strategy's inference mask. Users are batched
+    by length (less padding); the result does not depend on the batching (tests/test_probe.py)."""
+    ds = data.UserDataset(records, template, with_answer=False)
+    order = np.argsort(ds.lengths, kind="stable")
+    batches = [data.collate([ds[int(j)] for j in order[i:i + batch_size]]) for i in range(0, len(ds), batch_size)]
+    emb = embed_users(encoder, batches, schedule.inference_mask, device)
+    out = np.empty_like(emb)
+    out[order] = emb
+    return out
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0):
+    """Probe every task, print the Table 2 row, write probe.json (DESIGN.md layout); returns its dict."""
+    tasks = probe_tasks(embeddings, [r["user_id"] for r in records], [r.get("labels") or {} for r in records], seed=seed)
+    result = {"tasks": tasks, "mean_auc": mean_auc(tasks), "mask": name, "checkpoint": checkpoint}
+    for t, r in tasks.items():
+        if "status" in r:
+            print(f"probe: task {t}: {r['status']} (not averaged)", file=sys.stderr)
+    print(format_table([(name, tasks)]))
+    if out:
+        write_json(out, result)
+    return result
+
+
+def run(encoder, template, schedule, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
+        batch_size=64, export=None, seed=0):
+    """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run)."""
+    records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+    if report.n_bad:
+        print(report, file=sys.stderr)
+    emb = embed_records(encoder, template, schedule, records, device, batch_size)
+    if export:
+        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
+    return report_probe(emb, records, name, out, checkpoint, seed)
+
+
+def oracle_spec(model_dir, report, max_len):
+    """The untrained base under the causal mask: the paper's Oracle row (adapters and new token rows untrained)."""
+    return {"base_model": os.path.abspath(model_dir), "dtype": "float32", "lora": None,
+            "modalities": report.modalities, "vector_dims": report.vector_dims, "max_len": max_len,
+            "answer_max_len": 64, "global_token": False, "pooling": "token", "projector": None,
+            "mask": {"strategy": "oracle", "total_steps": 1, "warmup_steps": 0}}
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Linear probe of user embeddings (the paper's Table 2 protocol).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a run's checkpoint/ folder (train.py)")
+    src.add_argument("--model", help="an untrained HF folder: the Oracle row (causal mask, no LoRA)")
+    src.add_argument("--embeddings", help="a .safetensors file written by --export: probe without re-embedding")
+    p.add_argument("--data", required=True, help="labelled users (JSONL with 'labels')")
+    p.add_argument("--out", default=None, help="probe.json to write")
+    p.add_argument("--export", default=None, help="also write the embeddings (with user ids) to this .safetensors")
+    p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
+    p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.data):
+        sys.exit(f"error: --data {args.data}: no such file")
+    try:
+        records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.embeddings:
+        emb, ids, meta = load_embeddings(args.embeddings)
+        pos = {u: i for i, u in enumerate(ids)}
+        missing = [r["user_id"] for r in records if r["user_id"] not in pos]
+        if missing:
+            sys.exit(f"error: {args.embeddings}: no embedding for users {missing[:5]} of {args.data}")
+        emb = emb[[pos[r["user_id"]] for r in records]]
+        return report_probe(emb, records, args.name or meta.get("mask", "embeddings"), args.out, meta.get("checkpoint"), args.seed)
+    torch.manual_seed(args.seed)
+    if args.checkpoint:
+        if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
+            sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
+        encoder, template, schedule, state = load_checkpoint(args.checkpoint, args.device)
+        name = args.name or state["spec"]["mask"]["strategy"]
+    else:
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            sys.exit(f"error: --model {args.model}: no config.json")
+        encoder, template, schedule = build_encoder(oracle_spec(args.model, report, args.max_len), args.device)
+        name = args.name or "oracle"
+    emb = embed_records(encoder, template, schedule, records, args.device, args.batch_size)
+    if args.export:
+        save_embeddings(args.export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": args.checkpoint})
+    return report_probe(emb, records, name, args.out, args.checkpoint, args.seed)
+
+
+if __name__ == "__main__":
+    main()
+
