@@ -518,6 +518,7 @@ def embed_records(encoder, template, schedule, records, device, batch_size=64):
 
 
 def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
