@@ -39,13 +39,13 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of the strategies")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (data and base decoder stay fixed)")
     p.add_argument("--model", default="tiny", help="HF folder, or 'tiny' (built once from the training data)")
     p.add_argument("--data", default=None, help="training JSONL; default: the embedded synthetic benchmark")
-    p.add_argument("--probe-data", default=None)
+    p.add_argument("--probe-data", default=None, help="labelled JSONL (required with --data)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: train.py's)")
-    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--out", default="runs/ablation", help="results folder (runs/, table.md, curves.png, ...)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a fast check")
     p.add_argument("--train-args", default="", help="extra train.py flags, quoted, applied to every run")
     return p.parse_args(argv)

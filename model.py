@@ -667,8 +667,8 @@ class UserEncoder(nn.Module):
             pos = vector_pos[m]  # (N, 2): (row, col) of the placeholder token
             if vec.shape[0] != pos.shape[0]:
                 raise ValueError(f"UserEncoder: modality {m!r} has {vec.shape[0]} vectors but {pos.shape[0]} positions")
-            if vec.shape[0] == 0:
-                continue
+            # runs even when N = 0: the adapter then still takes part in the graph (zero gradient), so DDP
+            # sees every trainable parameter used on every rank, whatever modalities a micro-batch holds
             out = self.adapters[m](vec.float()).to(x.dtype)  # (N, D)
             x = x.index_put((pos[:, 0], pos[:, 1]), out)      # out of place, so gradients reach the adapter
         return x

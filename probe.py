@@ -490,7 +490,7 @@ def load_trainable(encoder, schedule, tensors, plain):
         if k in learned(expected) and v.shape != expected[k].shape:
             raise ValueError(f"checkpoint tensor {k}: shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    encoder.load_state_dict(pick("encoder."), strict=False)  # keys checked above; the frozen base is not in it
+    encoder.load_trainable_state_dict(pick("encoder."))
     if schedule.module is not None:
         schedule.module.load_state_dict(pick("mask."))
     schedule.load_state_dict({**plain, **pick("schedule.")})
@@ -569,11 +569,11 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="probe.json to write")
     p.add_argument("--export", default=None, help="also write the embeddings (with user ids) to this .safetensors")
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if not os.path.isfile(args.data):
         sys.exit(f"error: --data {args.data}: no such file")

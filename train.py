@@ -60,24 +60,24 @@ def get_args(argv=None):
     # model
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (paper: 64)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated Linear names that get LoRA")
     p.add_argument("--pooling", default="token", choices=("token", "mean"), help="token: <USER> / EOS state (paper); mean: official code")
     p.add_argument("--projector", default="none", help="'none' or comma-separated dims after the hidden size, e.g. 512,128 (official code)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     # the small decoder built by --model tiny
-    p.add_argument("--tiny-hidden", type=int, default=128)
-    p.add_argument("--tiny-layers", type=int, default=4)
-    p.add_argument("--tiny-heads", type=int, default=4)
-    p.add_argument("--tiny-kv-heads", type=int, default=2)
-    p.add_argument("--tiny-vocab", type=int, default=1024)
+    p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
+    p.add_argument("--tiny-layers", type=int, default=4, help="decoder blocks")
+    p.add_argument("--tiny-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--tiny-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
+    p.add_argument("--tiny-vocab", type=int, default=1024, help="BPE vocabulary size trained on the data's text")
     p.add_argument("--tiny-steps", type=int, default=150, help="causal-LM optimizer steps")
-    p.add_argument("--tiny-batch", type=int, default=32)
-    p.add_argument("--tiny-lr", type=float, default=3e-3)
+    p.add_argument("--tiny-batch", type=int, default=32, help="sequences per causal-LM step")
+    p.add_argument("--tiny-lr", type=float, default=3e-3, help="causal-LM peak learning rate")
     # mask strategy
-    p.add_argument("--mask", default="ggsm", choices=MASKS)
+    p.add_argument("--mask", default="ggsm", choices=MASKS, help="attention-mask strategy (ggsm.MaskSchedule)")
     p.add_argument("--mask-warmup", type=float, default=0.1, help="GG-SM warm-up T_warm as a fraction of --steps (paper's Fig. 1: ~0.03; official code: 0.1)")
     p.add_argument("--capture-layer", default="last-block", help="'last-block' (input of the last block, default), 'final' (the paper's literal final hidden state) or a block index")
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
@@ -86,19 +86,19 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=120, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
     p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--margin", type=float, default=0.1, help="false-negative margin of Eq. 8")
     p.add_argument("--no-same-side", action="store_true", help="drop the user-user and answer-answer negatives of Eq. 7")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order, dropout, synthetic data")
     # run
     p.add_argument("--out", default="runs/default", help="run folder: args.json, metrics.jsonl, checkpoint/, probe.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10, help="log a metrics.jsonl line every N steps")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     p.add_argument("--halt-after", type=int, default=0, help="stop right after step N's checkpoint as if killed (tests resume)")
     args = p.parse_args(argv)
@@ -353,6 +353,8 @@ def main(argv=None):
     if args.batch_size % (args.micro_batch * world):
         sys.exit(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x world size {world}")
     accum = args.batch_size // (args.micro_batch * world)
+    if args.capture_layer not in ("last-block", "final") and not args.capture_layer.isdigit():
+        sys.exit(f"error: --capture-layer {args.capture_layer}: expected 'last-block', 'final' or a block index")
     if args.model != "tiny":
         for name in ("config.json", "tokenizer.json"):
             if not os.path.isfile(os.path.join(args.model, name)):
@@ -459,7 +461,6 @@ def main(argv=None):
         if master:
             save_checkpoint(run_dir, tensors, optimizer_tensors(opt, named), meta)
 
-    capture = schedule.capture_layer
     t_last, tokens = time.time(), 0
     step = start
     for step in range(start, args.steps):
@@ -467,6 +468,8 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
+        # GG-SM / hybrid_mask warm-up: the user tower's dL/dh at this block feeds the next step's mask (Eq. 5)
+        capture = schedule.capture_layer if schedule.wants_gradients(step) else None
         for m in range(accum):
             idx = micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, accum, m, args.seed)
             batch = data.collate([train_set[i] for i in idx]).to(device)
