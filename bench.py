@@ -2,6 +2,7 @@
 Benchmarks (not tests): each section is a subcommand that prints a markdown table and can write JSON.
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
+    python bench.py train|embed|ggsm|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
 LogisticRegression(solver="lbfgs") at the same C on the same standardised features (synthetic
@@ -12,20 +13,68 @@ all solvers alike; medians are reported. Also reported: held-out AUC of each fit
 each reaches (the same function for both), the largest coefficient difference, and the time of one full
 fit_probe (CV over probe.DEFAULT_CS x 5 folds, then the refit).
 
-scikit-learn is a dev requirement (requirements-dev.txt) and is imported only here.
+train / embed / ggsm / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
+the official GG-SM code (github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is
+written with transformers' save_pretrained(safe_serialization=True) (CPU default: hidden 512, 8 layers,
+8 heads, 2 KV heads, intermediate 1408, vocab 32000; --gpu-size: the Qwen2.5-0.5B shape, hidden 896,
+24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936; --quick: a tiny one) and loaded
+  (a) "ours":   model.Decoder.from_pretrained + model.add_lora on the seven projections;
+  (b) "theirs": transformers.AutoModelForCausalLM.from_pretrained(attn_implementation="sdpa"), its base
+                `.model` for hidden states, + peft.get_peft_model(LoraConfig(same r, alpha, dropout 0,
+                same seven target modules)), with our lora_A / lora_B copied in (B random and small, so
+                the adapters change the function) -- the two compute the same function.
+Both get the same 4D additive float mask from ggsm.py (HF 5.x masking_utils returns a 4D mask as is),
+pool the same token (<USER> / the last real token) and run fp32 on CPU, bf16 autocast on CUDA.
+Every run first checks that (a) and (b) give the same InfoNCE loss and the same gradient on one LoRA
+tensor for one batch ("parity"), otherwise the timings would not be of the same work.
+
+  train    one full contrastive step (user tower + answer tower forward and backward through one LoRA
+           backbone, InfoNCE of ggsm.info_nce, grad clip, AdamW) on the same right-padded batch, GG-SM's
+           warm-up mask at step 0 (soft future weight 0.5): non-pad tokens/s and peak memory.
+  embed    inference (no grad) under the bidirectional mask: users/s and peak memory.
+  ggsm     ours only: a GG-SM warm-up step (capture of h_k at schedule.capture_layer, retain_grad,
+           schedule.accumulate, schedule.end_step, mask rebuilt from the importance) against a plain
+           bidirectional step (mask built by the schedule too). Target: <= 5% overhead.
+  scaling  the train step at L = 128, 256, 512, 1024 (quick: 16, 32, 64) with B*L fixed (same tokens per
+           step), so the growth is the attention's share.
+  padding  "what a user of the official code pays": one epoch of the embedded synthetic benchmark
+           (data.write_synthetic) through our UserEncoder and a GG-SM schedule, with our dynamic padding
+           (data.collate: the longest user in the batch) against the official recipe's padding of every
+           sequence, user and answer, to 512. Both with OUR model, so only the padding differs; padded keys
+           are masked in both, so the two epochs compute the same losses (reported as a check).
+
+Timing: repetitions are interleaved (ours, theirs, ours, theirs...) after a warm-up, medians reported.
+Memory: on CUDA torch.cuda.max_memory_allocated over one step minus what was allocated before it; on CPU
+each side runs alone in a fresh process (multiprocessing spawn) that loads the model, resets the peak
+resident set (/proc/self/clear_refs), runs two steps and reads VmHWM: "step peak" is that peak minus the
+resident set after loading (the memory a step adds on top of the weights). The load average is reported:
+other work on the machine slows both sides alike but widens the spread.
+
+Targets (measured, not asserted): train >= 1.0x transformers+peft tokens/s and <= 1.0x peak memory;
+GG-SM overhead <= 5%; embed >= 1.0x users/s.
+
+scikit-learn, transformers and peft are dev requirements (requirements-dev.txt), imported only here.
 """
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import time
+import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+import data
+import ggsm
+import model
 import probe
-
 
 def synthetic_features(n, d, seed=0, kind="mixed"):
     """Gaussian features with labels from a logistic model. kind "mixed": mildly correlated (identity
@@ -117,7 +166,534 @@ def bench_probe(args):
             "solvers": rows, "fit_probe": cv}
 
 
-def main():
+# -----------------------------------------------------------------------------
+# Decoder benchmarks: ours (model.py + LoRA) against transformers + peft on the same checkpoint
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIZES = {  # Qwen2 shapes; tied embeddings as in Qwen2.5-0.5B
+    "cpu": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1408, vocab_size=32000),
+    "gpu": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                intermediate_size=4864, vocab_size=151936),
+    "quick": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=1000),
+}
+# per-section workloads: (full, quick). B users per step; L the padded user length; answers up to A tokens.
+WORK = {
+    "train": (dict(B=8, L=256, A=32), dict(B=4, L=32, A=8)),
+    "embed": (dict(B=16, L=256), dict(B=4, L=32)),
+    "ggsm": (dict(B=8, L=256, A=32), dict(B=4, L=32, A=8)),
+    "scaling": (dict(lengths=(128, 256, 512, 1024), tokens=2048, A=32), dict(lengths=(16, 32, 64), tokens=128, A=8)),
+    "padding": (dict(users=192, B=16, pad_to=512), dict(users=32, B=8, pad_to=128)),
+}
+TAU, MARGIN = 0.05, 0.1  # train.py's defaults
+LORA_B_STD = 0.02  # B random and small: the adapters change the function, so LoRA gradients are not trivial
+
+
+def write_checkpoint(path, size, seed=0):
+    """A random Qwen2 checkpoint written by transformers itself (config.json + model.safetensors)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**SIZES[size], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096,
+                      tie_word_embeddings=True, use_sliding_window=False)
+    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+class Contender:
+    """One side of the comparison: `module` holds the parameters, `hidden(ids, mask)` is (B, L, D) after the
+    final norm; with return_layer=k it also returns the tensor entering block k (ours only, for GG-SM)."""
+
+    def __init__(self, name, module, hidden):
+        self.name, self.module, self.hidden = name, module, hidden
+
+
+def load_ours(ckpt, r, alpha, device, seed=0):
+    dec = model.Decoder.from_pretrained(ckpt, dtype=torch.float32, device=device)
+    torch.manual_seed(seed)  # lora_A (Kaiming) and lora_B (below) are the same on every load
+    model.add_lora(dec, LORA_TARGETS, r=r, alpha=alpha, dropout=0.0)
+    with torch.no_grad():
+        for m in dec.modules():
+            if isinstance(m, model.LoRALinear):
+                m.lora_B.normal_(0.0, LORA_B_STD)
+    dec.train()
+
+    def hidden(ids, mask, return_layer=None):
+        return dec(input_ids=ids, mask=mask, return_layer=return_layer)
+
+    return Contender("ours", dec, hidden)
+
+
+def load_theirs(ckpt, r, alpha, device, lora_from=None):
+    """transformers + peft; lora_from: our Decoder whose lora_A / lora_B are copied in (strict by name)."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from peft's calls into transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="sdpa", dtype=torch.float32)
+    hf = hf.to(device)
+    pm = get_peft_model(hf, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+    if lora_from is not None:
+        ours = {k: v for k, v in lora_from.named_parameters() if "lora_" in k}  # model.layers.0.self_attn.q_proj.lora_A
+        theirs = {k: v for k, v in pm.named_parameters() if "lora_" in k}  # base_model.model.<same>.lora_A.default.weight
+        mapped = {"base_model.model." + k + ".default.weight": k for k in ours}
+        if set(mapped) != set(theirs):
+            raise RuntimeError(f"load_theirs: LoRA names differ, e.g. {sorted(set(mapped) ^ set(theirs))[:3]}")
+        with torch.no_grad():
+            for k, p in theirs.items():
+                p.copy_(ours[mapped[k]])
+    pm.train()
+    base = pm.base_model.model.model  # Qwen2Model: hidden states after the final norm, no lm_head
+
+    def hidden(ids, mask, return_layer=None):
+        if return_layer is not None:
+            raise ValueError("load_theirs: return_layer is not available on the transformers side")
+        # use_cache=False: training needs no KV cache (the default would build one every forward)
+        return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    return Contender("theirs", pm, hidden)
+
+
+def load_contender(who, ckpt, r, alpha, device, seed=0):
+    if who == "ours":
+        return load_ours(ckpt, r, alpha, device, seed)
+    ours = load_ours(ckpt, r, alpha, "cpu", seed).module  # the same LoRA values as the ours side
+    return load_theirs(ckpt, r, alpha, device, lora_from=ours)
+
+
+def random_batch(B, L, A, vocab, seed, device):
+    """Right-padded random token ids: user lengths in [L/2, L] (one row exactly L), answers in [A/4, A].
+    Pools at the last real token (the <USER> / EOS slot). Pad id 0 (masked anyway)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(L, lo):
+        n = torch.randint(lo, L + 1, (B,), generator=g)
+        n[0] = L
+        am = (torch.arange(L)[None, :] < n[:, None]).long()  # (B, L)
+        ids = torch.randint(0, vocab, (B, L), generator=g) * am
+        return {"ids": ids.to(device), "am": am.to(device), "pool": (n - 1).to(device)}
+
+    batch = {"user": side(L, max(1, L // 2))}
+    if A:
+        batch["answer"] = side(A, max(1, A // 4))
+    return batch
+
+
+def n_tokens(batch):
+    return int(sum(s["am"].sum() for s in batch.values()))
+
+
+def soft_mask(am, dtype):
+    """GG-SM's warm-up mask at step 0: every future key at weight sigma(0) = 0.5 (Eq. 4), pads blocked."""
+    return ggsm.soft_future_mask(am, torch.full((am.shape[1],), 0.5, device=am.device), dtype)
+
+
+def pool(hidden, idx):
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()  # (B, D) fp32, as UserEncoder
+
+
+def contrastive_loss(c, batch, mask_dtype, autocast):
+    """Both towers through the one LoRA backbone, then InfoNCE (Eq. 6-8), as train.py's step."""
+    u_side, a_side = batch["user"], batch["answer"]
+    with autocast:
+        hu = c.hidden(u_side["ids"], soft_mask(u_side["am"], mask_dtype))
+        ha = c.hidden(a_side["ids"], soft_mask(a_side["am"], mask_dtype))
+    return ggsm.info_nce(pool(hu, u_side["pool"]), pool(ha, a_side["pool"]), TAU, MARGIN)
+
+
+def make_train_step(c, batch, mask_dtype, autocast):
+    params = [p for p in c.module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        loss = contrastive_loss(c, batch, mask_dtype, autocast)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def make_embed_step(c, batch, mask_dtype, autocast):
+    side = batch["user"]
+
+    def step():
+        with torch.no_grad(), autocast:
+            h = c.hidden(side["ids"], ggsm.bidirectional_mask(side["am"], mask_dtype))
+        return F.normalize(pool(h, side["pool"]), dim=-1)
+
+    return step
+
+
+def make_ggsm_steps(c, batch, mask_dtype, autocast, n_layers):
+    """(plain bidirectional step, GG-SM warm-up step), ours only, each with its own optimizer and schedule.
+    The GG-SM schedule never leaves warm-up here, so every timed step captures and accumulates."""
+    u_side, a_side = batch["user"], batch["answer"]
+    params = [p for p in c.module.parameters() if p.requires_grad]
+
+    def make(strategy):
+        big = 10 ** 9
+        schedule = ggsm.MaskSchedule(strategy, total_steps=big, warmup_steps=big - 1 if strategy == "ggsm" else 0,
+                                     n_layers=n_layers)
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        capture = schedule.capture_layer  # None for bidirectional
+        counter = [0]
+
+        def step():
+            t = counter[0]
+            user_mask = schedule.train_mask(t, u_side["am"], mask_dtype)
+            answer_mask = schedule.train_mask(t, a_side["am"], mask_dtype, tower="answer")
+            with autocast:
+                out = c.hidden(u_side["ids"], user_mask, return_layer=capture)
+                hu, h = out if capture is not None else (out, None)
+                if h is not None:
+                    h.retain_grad()  # dL/dh_k of the user tower (Eq. 5)
+                ha = c.hidden(a_side["ids"], answer_mask)
+            loss = ggsm.info_nce(pool(hu, u_side["pool"]), pool(ha, a_side["pool"]), TAU, MARGIN)
+            loss.backward()
+            if h is not None:
+                schedule.accumulate(h.grad.float(), u_side["am"])
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            schedule.end_step(t)
+            counter[0] += 1
+            return loss
+
+        return step
+
+    return make("bidirectional"), make("ggsm")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns, reps, device, warmup=1):
+    """{name: fn} -> {name: [seconds]}: warm-up calls, then reps rounds of one call each, in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise KeyError(key)
+
+
+def _memory_child(job):
+    """Runs in a fresh spawned process: load one side, reset the peak RSS, run two steps, read the peak."""
+    torch.manual_seed(0)
+    torch.set_num_threads(job["threads"])
+    device = torch.device("cpu")
+    c = load_contender(job["who"], job["ckpt"], job["r"], job["alpha"], device)
+    w = job["work"]
+    batch = random_batch(w["B"], w["L"], w.get("A", 0), job["vocab"], job["seed"], device)
+    make = make_train_step if job["kind"] == "train" else make_embed_step
+    step = make(c, batch, torch.float32, contextlib.nullcontext())
+    rss0 = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS, so the peak below is the steps' own
+    for _ in range(2):  # the first step also creates AdamW's state
+        step()
+    peak = _status_mb("VmHWM")
+    return {"rss_loaded_mb": rss0, "peak_rss_mb": peak, "step_peak_mb": peak - rss0}
+
+
+def peak_memory(who, kind, ctx, work, c=None, step=None):
+    """MiB a step adds at its peak: CUDA in process, CPU in a fresh process (see the module docstring)."""
+    if ctx["device"].type == "cuda":
+        sync(ctx["device"])
+        torch.cuda.reset_peak_memory_stats(ctx["device"])
+        base = torch.cuda.memory_allocated(ctx["device"])
+        step()
+        sync(ctx["device"])
+        return {"step_peak_mb": (torch.cuda.max_memory_allocated(ctx["device"]) - base) / 2 ** 20}
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {"step_peak_mb": float("nan"), "note": "no /proc/self/clear_refs: peak RSS not measured"}
+    job = dict(who=who, kind=kind, ckpt=ctx["ckpt"], r=ctx["r"], alpha=ctx["alpha"], work=work,
+               vocab=ctx["vocab"], seed=ctx["seed"], threads=torch.get_num_threads())
+    # forkserver: each measurement is a fresh fork of a server that has imported torch / transformers / peft
+    # but never held a model, so the child's allocator starts clean and the imports are paid once
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(["bench", "transformers", "peft"])
+    import bench  # by module name, also when this file runs as __main__, so the forkserver can unpickle it
+    with mp.Pool(1) as pool_:
+        return pool_.apply(bench._memory_child, (job,))
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---- sections. Each returns (json dict, table rows); a row is (section, metric, ours, theirs, ratio, target)
+
+
+def section_parity(ctx):
+    """Same loss and same LoRA gradient from (a) and (b) on one batch: the comparison is of the same work."""
+    ours, theirs = ctx["ours"], ctx["theirs"]
+    w = ctx["work"]["train"]
+    batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"] + 1, ctx["device"])
+    losses, grads = {}, {}
+    name = "model.layers.0.self_attn.q_proj.lora_A"
+    for c, key in ((ours, name), (theirs, "base_model.model." + name + ".default.weight")):
+        c.module.zero_grad(set_to_none=True)
+        loss = contrastive_loss(c, batch, ctx["mask_dtype"], ctx["autocast"])
+        loss.backward()
+        losses[c.name] = loss.item()
+        grads[c.name] = dict(c.module.named_parameters())[key].grad.detach().float().cpu().clone()
+        c.module.zero_grad(set_to_none=True)
+    diff = abs(losses["ours"] - losses["theirs"])
+    gdiff = (grads["ours"] - grads["theirs"]).abs().max().item()
+    out = {"loss_ours": losses["ours"], "loss_theirs": losses["theirs"], "loss_abs_diff": diff,
+           "grad_tensor": name, "grad_max_abs_diff": gdiff, "grad_max_abs": grads["theirs"].abs().max().item()}
+    rows = [("parity", "InfoNCE loss, same batch", f"{losses['ours']:.6f}", f"{losses['theirs']:.6f}",
+             f"diff {diff:.1e}", "diff <= 1e-4 (fp32)"),
+            ("parity", f"grad of {name}, max abs", f"{out['grad_max_abs']:.2e}", "",
+             f"diff {gdiff:.1e}", "")]
+    return out, rows
+
+
+def section_train(ctx):
+    w = ctx["work"]["train"]
+    batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
+    steps = {c.name: make_train_step(c, batch, ctx["mask_dtype"], ctx["autocast"]) for c in (ctx["ours"], ctx["theirs"])}
+    times = time_interleaved(steps, ctx["reps"], ctx["device"])
+    tok = n_tokens(batch)
+    mem = {name: peak_memory(name, "train", ctx, w, step=steps[name]) for name in steps}
+    tps = {name: tok / median(t) for name, t in times.items()}
+    out = {"B": w["B"], "L": w["L"], "answer_max": w["A"], "nonpad_tokens": tok, "mask": "soft future 0.5 (GG-SM step 0)",
+           "times_s": times, "median_s": {k: median(v) for k, v in times.items()}, "tokens_per_s": tps,
+           "throughput_ratio": tps["ours"] / tps["theirs"], "memory": mem,
+           "memory_ratio": mem["ours"]["step_peak_mb"] / mem["theirs"]["step_peak_mb"]}
+    rows = [("train", f"step, B={w['B']} L={w['L']}: non-pad tokens/s", f"{tps['ours']:.0f}", f"{tps['theirs']:.0f}",
+             f"{out['throughput_ratio']:.2f}x", ">= 1.0x"),
+            ("train", "step peak memory, MiB above the loaded model", f"{mem['ours']['step_peak_mb']:.0f}",
+             f"{mem['theirs']['step_peak_mb']:.0f}", f"{out['memory_ratio']:.2f}x", "<= 1.0x")]
+    return out, rows
+
+
+def section_embed(ctx):
+    w = ctx["work"]["embed"]
+    batch = random_batch(w["B"], w["L"], 0, ctx["vocab"], ctx["seed"], ctx["device"])
+    steps = {c.name: make_embed_step(c, batch, ctx["mask_dtype"], ctx["autocast"]) for c in (ctx["ours"], ctx["theirs"])}
+    times = time_interleaved(steps, ctx["reps"], ctx["device"])
+    ups = {name: w["B"] / median(t) for name, t in times.items()}
+    mem = {name: peak_memory(name, "embed", ctx, w, step=steps[name]) for name in steps}
+    out = {"B": w["B"], "L": w["L"], "mask": "bidirectional", "times_s": times,
+           "median_s": {k: median(v) for k, v in times.items()}, "users_per_s": ups,
+           "throughput_ratio": ups["ours"] / ups["theirs"], "memory": mem,
+           "memory_ratio": mem["ours"]["step_peak_mb"] / mem["theirs"]["step_peak_mb"]}
+    rows = [("embed", f"inference, B={w['B']} L={w['L']}: users/s", f"{ups['ours']:.1f}", f"{ups['theirs']:.1f}",
+             f"{out['throughput_ratio']:.2f}x", ">= 1.0x"),
+            ("embed", "inference peak memory, MiB above the loaded model", f"{mem['ours']['step_peak_mb']:.0f}",
+             f"{mem['theirs']['step_peak_mb']:.0f}", f"{out['memory_ratio']:.2f}x", "")]
+    return out, rows
+
+
+def section_ggsm(ctx):
+    w = ctx["work"]["ggsm"]
+    batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
+    bi, gg = make_ggsm_steps(ctx["ours"], batch, ctx["mask_dtype"], ctx["autocast"], ctx["n_layers"])
+    times = time_interleaved({"bidirectional": bi, "ggsm": gg}, ctx["reps"], ctx["device"])
+    med = {k: median(v) for k, v in times.items()}
+    # paired per round: both steps of a round ran back to back, so their ratio sees the same machine load
+    paired = [g / b - 1 for g, b in zip(times["ggsm"], times["bidirectional"])]
+    out = {"B": w["B"], "L": w["L"], "times_s": times, "median_s": med, "overhead": med["ggsm"] / med["bidirectional"] - 1,
+           "overhead_paired_median": median(paired)}
+    rows = [("ggsm", f"step time, B={w['B']} L={w['L']}: GG-SM warm-up vs bidirectional (ours only)",
+             f"{med['ggsm'] * 1e3:.0f} ms", f"{med['bidirectional'] * 1e3:.0f} ms",
+             f"{out['overhead'] * 100:+.1f}% (paired {out['overhead_paired_median'] * 100:+.1f}%)", "<= +5%")]
+    return out, rows
+
+
+def section_scaling(ctx):
+    w = ctx["work"]["scaling"]
+    points, rows = [], []
+    for L in w["lengths"]:
+        B = max(2, w["tokens"] // L)
+        batch = random_batch(B, L, w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
+        steps = {c.name: make_train_step(c, batch, ctx["mask_dtype"], ctx["autocast"]) for c in (ctx["ours"], ctx["theirs"])}
+        times = time_interleaved(steps, ctx["reps"], ctx["device"])
+        tok = n_tokens(batch)
+        mem = {name: peak_memory(name, "train", ctx, dict(B=B, L=L, A=w["A"]), step=steps[name]) for name in steps}
+        tps = {name: tok / median(t) for name, t in times.items()}
+        p = {"L": L, "B": B, "nonpad_tokens": tok, "times_s": times, "tokens_per_s": tps,
+             "throughput_ratio": tps["ours"] / tps["theirs"], "memory": mem,
+             "memory_ratio": mem["ours"]["step_peak_mb"] / mem["theirs"]["step_peak_mb"]}
+        points.append(p)
+        rows.append(("scaling", f"train step L={L} B={B}: tokens/s | step peak MiB",
+                     f"{tps['ours']:.0f} / {mem['ours']['step_peak_mb']:.0f}",
+                     f"{tps['theirs']:.0f} / {mem['theirs']['step_peak_mb']:.0f}",
+                     f"{p['throughput_ratio']:.2f}x / {p['memory_ratio']:.2f}x", ">= 1.0x / <= 1.0x"))
+    return {"tokens_per_step_target": w["tokens"], "points": points}, rows
+
+
+def pad_side(side, L, pad_id):
+    """The official recipe's padding: every sequence right-padded to L (positions, pooling, vectors unchanged)."""
+    extra = L - side.input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"pad_side: a sequence of {side.input_ids.shape[1]} tokens is longer than the pad length {L}")
+    return data.Side(F.pad(side.input_ids, (0, extra), value=pad_id), F.pad(side.attention_mask, (0, extra), value=0),
+                     side.pool_index, side.vectors, side.vector_pos)
+
+
+def section_padding(ctx):
+    """One epoch of the synthetic benchmark, ours both times: dynamic padding vs every sequence padded to 512."""
+    w = ctx["work"]["padding"]
+    tmp = ctx["tmp"]
+    train_path, _ = data.write_synthetic(os.path.join(tmp, "synthetic"), w["users"], 0, seed=ctx["seed"])
+    records, report = data.load_records(train_path, require=("answer",))
+    tok = data.train_tokenizer(data.record_texts(records), min(2000, ctx["vocab"]))  # every BPE id < the model's vocab
+    # the official recipe truncates to 512 and pads to 512; truncation at pad_to keeps both runs on the same tokens
+    template = data.Template(tok, report.modalities, report.vector_dims, max_len=w["pad_to"])
+    dataset = data.UserDataset(records, template)
+    dec = ctx["ours"].module
+    encoder = model.UserEncoder(dec, template.special_token_ids, template.vector_dims).to(ctx["device"]).train()
+    init = {k: v.clone() for k, v in encoder.trainable_state_dict().items()}
+    order = np.random.default_rng(ctx["seed"]).permutation(len(dataset))
+    batches = [data.collate([dataset[i] for i in order[s:s + w["B"]]]) for s in range(0, len(order) - w["B"] + 1, w["B"])]
+    n_steps = len(batches)
+
+    def epoch(pad_to):
+        encoder.load_trainable_state_dict(init)  # the same start for both epochs
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        schedule = ggsm.MaskSchedule("ggsm", total_steps=n_steps, warmup_steps=max(1, n_steps // 10),
+                                     n_layers=ctx["n_layers"])
+        losses, tokens, slots = [], 0, 0
+        sync(ctx["device"])
+        t0 = time.perf_counter()
+        for t, b in enumerate(batches):
+            user, answer = b.user.to(ctx["device"]), b.answer.to(ctx["device"])
+            if pad_to:
+                user, answer = pad_side(user, pad_to, template.pad_id), pad_side(answer, pad_to, template.pad_id)
+            tokens += int(user.attention_mask.sum() + answer.attention_mask.sum())
+            slots += user.input_ids.numel() + answer.input_ids.numel()
+            capture = schedule.capture_layer if schedule.wants_gradients(t) else None
+            with ctx["autocast"]:
+                out = encoder(user.input_ids, user.attention_mask, user.pool_index,
+                              mask=schedule.train_mask(t, user.attention_mask, ctx["mask_dtype"]),
+                              vectors=user.vectors, vector_pos=user.vector_pos, return_layer=capture)
+                u, h = out if capture is not None else (out, None)
+                if h is not None:
+                    h.retain_grad()
+                a = encoder(answer.input_ids, answer.attention_mask, answer.pool_index,
+                            mask=schedule.train_mask(t, answer.attention_mask, ctx["mask_dtype"], tower="answer"))
+            loss = ggsm.info_nce(u.float(), a.float(), TAU, MARGIN)
+            loss.backward()
+            if h is not None:
+                schedule.accumulate(h.grad.float(), user.attention_mask)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            schedule.end_step(t)
+            losses.append(loss.item())
+        sync(ctx["device"])
+        return {"seconds": time.perf_counter() - t0, "nonpad_tokens": tokens, "token_slots": slots, "losses": losses}
+
+    dyn = epoch(None)
+    pad = epoch(w["pad_to"])
+    encoder.load_trainable_state_dict(init)  # leave the shared LoRA weights as they were
+    loss_diff = max(abs(x - y) for x, y in zip(dyn["losses"], pad["losses"]))
+    out = {"users": n_steps * w["B"], "B": w["B"], "steps": n_steps, "pad_to": w["pad_to"],
+           "user_length_median": float(np.median(dataset.lengths)), "user_length_max": int(max(dataset.lengths)),
+           "dynamic": dyn, "padded": pad, "speedup": pad["seconds"] / dyn["seconds"], "max_loss_diff": loss_diff,
+           "label": f"what a user of the official code pays: every sequence padded to {w['pad_to']} (our model both times)"}
+    rows = [("padding", f"one epoch, {out['users']} synthetic users, B={w['B']}: seconds (ours dynamic | ours padded to "
+                        f"{w['pad_to']}, what a user of the official code pays)",
+             f"{dyn['seconds']:.1f} s", f"{pad['seconds']:.1f} s", f"{out['speedup']:.2f}x faster",
+             f"same losses: max diff {loss_diff:.1e}"),
+            ("padding", "token slots computed (non-pad share)", f"{dyn['token_slots']} ({dyn['nonpad_tokens'] / dyn['token_slots']:.0%})",
+             f"{pad['token_slots']} ({pad['nonpad_tokens'] / pad['token_slots']:.0%})", "", "")]
+    return out, rows
+
+
+SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "scaling": section_scaling,
+            "padding": section_padding}
+
+
+def bench_models(args):
+    """train | embed | ggsm | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = "quick" if args.quick else ("gpu" if args.gpu_size else "cpu")
+    reps = args.reps or (2 if args.quick else 5)
+    # CUDA: bf16 autocast, masks built in bf16 (an fp32 finfo.min would become -inf under autocast's cast)
+    mask_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # quick: one thread (tiny matrices gain nothing from more, and on a busy machine a second OpenMP thread
+    # that is descheduled stalls every op at its barrier)
+    threads = args.threads or (1 if args.quick else None)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_models(args, device, size, reps, mask_dtype, autocast)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process (a test) gets its setting back
+
+
+def _bench_models(args, device, size, reps, mask_dtype, autocast):
+    import peft
+    import transformers
+    load = os.getloadavg()
+    names = list(SECTIONS) if args.section == "all" else [args.section]
+    work = {k: v[1 if args.quick else 0] for k, v in WORK.items()}
+    result = {"sections": names, "size": size, "model": SIZES[size], "lora": {"r": args.r, "alpha": args.alpha},
+              "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+              "peft": peft.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(), "reps": reps, "work": work,
+              "load_average_before": list(load)}
+    rows = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(os.path.join(tmp, "ckpt"), size, args.seed)
+        ours = load_ours(ckpt, args.r, args.alpha, device, args.seed)
+        theirs = load_theirs(ckpt, args.r, args.alpha, device, lora_from=ours.module)
+        ctx = dict(ours=ours, theirs=theirs, device=device, mask_dtype=mask_dtype, autocast=autocast, work=work,
+                   reps=reps, ckpt=ckpt, r=args.r, alpha=args.alpha, vocab=SIZES[size]["vocab_size"],
+                   n_layers=SIZES[size]["num_hidden_layers"], seed=args.seed, tmp=tmp)
+        result["parity"], r = section_parity(ctx)
+        rows += r
+        for name in names:
+            t0 = time.perf_counter()
+            result[name], r = SECTIONS[name](ctx)
+            result[name]["section_seconds"] = time.perf_counter() - t0
+            rows += r
+            print(f"[{name} done in {time.perf_counter() - t0:.0f} s]", flush=True)
+    result["load_average_after"] = list(os.getloadavg())
+    result["total_seconds"] = time.perf_counter() - t_start
+    result["table"] = [dict(zip(("section", "metric", "ours", "theirs", "ratio", "target"), r)) for r in rows]
+    m = SIZES[size]
+    print(f"\nours (model.py + LoRA r={args.r}) vs theirs (transformers {transformers.__version__} sdpa + peft "
+          f"{peft.__version__}); Qwen2 hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']}/"
+          f"{m['num_key_value_heads']} heads, vocab {m['vocab_size']}; {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {reps} interleaved reps, medians; load average {load[0]:.2f} before, "
+          f"{result['load_average_after'][0]:.2f} after; {result['total_seconds']:.0f} s\n")
+    print("| section | metric | ours | theirs | ratio (ours / theirs) | target |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    return result
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
     # --- probe: logistic-regression fit time vs scikit-learn
@@ -130,12 +706,33 @@ def main():
     sp.add_argument("--reps", type=int, default=5, help="timed repetitions per solver (after one warm-up)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
-    result = {"probe": bench_probe}[args.section](args)
+    # --- decoder sections: ours against transformers + peft
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="tiny model and workloads (seconds; what the test runs)")
+    common.add_argument("--gpu-size", action="store_true", help="Qwen2.5-0.5B-sized model (for a GPU)")
+    common.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    common.add_argument("--reps", type=int, default=None, help="timed repetitions per side (default 5; quick 2)")
+    common.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, all cores; quick: 1)")
+    common.add_argument("--r", type=int, default=16, help="LoRA rank (train.py's default)")
+    common.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--out", default=None, help="write the results as JSON here")
+    helps = {"train": "contrastive training step: tokens/s and peak memory",
+             "embed": "inference under the bidirectional mask: users/s",
+             "ggsm": "GG-SM warm-up step overhead against a bidirectional step (ours only)",
+             "scaling": "training step at growing sequence length",
+             "padding": "one synthetic epoch: dynamic padding vs pad-everything-to-512 (official recipe)",
+             "all": "every section above, one table"}
+    for name, h in helps.items():
+        sections.add_parser(name, parents=[common], help=h)
+    args = parser.parse_args(argv)
+    result = bench_probe(args) if args.section == "probe" else bench_models(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

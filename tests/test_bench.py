@@ -1,0 +1,126 @@
+"""
+Tests for bench.py. The comparison with transformers + peft is only meaningful if both sides do the same
+work, so the reference here is transformers itself: on a tiny random Qwen2 checkpoint written by
+save_pretrained, our Decoder + LoRA and transformers + peft (with our LoRA values copied in) must give the
+same InfoNCE loss and the same LoRA gradient on the same right-padded batch under the same soft 4D mask.
+Then the quick mode of every section runs end to end and writes the JSON the README table comes from.
+No timing is asserted.
+
+    python -m pytest -q tests/test_bench.py
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("sklearn")
+
+import bench  # noqa: E402
+import data  # noqa: E402
+
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return bench.write_checkpoint(str(tmp_path_factory.mktemp("ckpt")), "quick", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pair(ckpt):
+    ours = bench.load_ours(ckpt, r=8, alpha=16, device="cpu", seed=0)
+    theirs = bench.load_theirs(ckpt, r=8, alpha=16, device="cpu", lora_from=ours.module)
+    return ours, theirs
+
+
+def test_same_loss_and_lora_gradient(pair):
+    ours, theirs = pair
+    vocab = bench.SIZES["quick"]["vocab_size"]
+    batch = bench.random_batch(B=5, L=24, A=8, vocab=vocab, seed=3, device="cpu")
+    assert batch["user"]["am"].sum(1).min() < 24, "the batch must contain padding"
+    name = "model.layers.1.mlp.down_proj.lora_A"
+    keys = {"ours": name, "theirs": "base_model.model." + name + ".default.weight"}
+    loss, grad = {}, {}
+    for c in (ours, theirs):
+        c.module.zero_grad(set_to_none=True)
+        out = bench.contrastive_loss(c, batch, torch.float32, NO_AUTOCAST)
+        out.backward()
+        loss[c.name] = out.item()
+        grad[c.name] = dict(c.module.named_parameters())[keys[c.name]].grad.clone()
+        c.module.zero_grad(set_to_none=True)
+    assert abs(loss["ours"] - loss["theirs"]) <= 1e-4, f"loss ours {loss['ours']} vs transformers+peft {loss['theirs']}"
+    assert grad["theirs"].abs().max() > 1e-6, "LoRA gradient is zero: lora_B was not made random"
+    diff = (grad["ours"] - grad["theirs"]).abs().max().item()
+    torch.testing.assert_close(grad["ours"], grad["theirs"], rtol=1e-4, atol=1e-6,
+                               msg=f"LoRA gradient vs transformers+peft: max diff {diff:.2e}")
+
+
+def test_hidden_states_match_on_real_tokens(pair):
+    """The pooled rows are real tokens; every real token's hidden state matches (pads are never compared)."""
+    ours, theirs = pair
+    b = bench.random_batch(B=3, L=16, A=0, vocab=bench.SIZES["quick"]["vocab_size"], seed=5, device="cpu")["user"]
+    mask = bench.soft_mask(b["am"], torch.float32)
+    with torch.no_grad():
+        h_ours, h_theirs = ours.hidden(b["ids"], mask), theirs.hidden(b["ids"], mask)
+    real = b["am"].bool()
+    torch.testing.assert_close(h_ours[real], h_theirs[real], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_copy_is_strict(ckpt):
+    """A module without the same LoRA layers cannot be mirrored silently."""
+    bad = torch.nn.Module()
+    bad.lora_A = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="LoRA names differ"):
+        bench.load_theirs(ckpt, 8, 16, "cpu", lora_from=bad)
+
+
+def test_pad_side_pads_and_refuses_long():
+    side = data.Side(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long),
+                     torch.tensor([4, 4]), {}, {})
+    padded = bench.pad_side(side, 8, pad_id=0)
+    assert padded.input_ids.shape == (2, 8) and padded.attention_mask[:, 5:].sum() == 0
+    assert padded.input_ids[:, :5].eq(1).all()
+    with pytest.raises(ValueError, match="longer than the pad length"):
+        bench.pad_side(side, 4, pad_id=0)
+
+
+def test_quick_all_writes_expected_json(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["all", "--quick", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["sections"] == ["train", "embed", "ggsm", "scaling", "padding"]
+    for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
+                "load_average_before", "load_average_after", "table"):
+        assert key in res, key
+    p = res["parity"]
+    assert p["loss_abs_diff"] <= 1e-4 and p["grad_max_abs"] > 0
+    assert p["grad_max_abs_diff"] <= 1e-4 * p["grad_max_abs"] + 1e-6
+    for sec, rate in (("train", "tokens_per_s"), ("embed", "users_per_s")):
+        r = res[sec]
+        assert set(r[rate]) == {"ours", "theirs"} and all(v > 0 for v in r[rate].values())
+        assert r["throughput_ratio"] == pytest.approx(r[rate]["ours"] / r[rate]["theirs"])
+        assert all(len(r["times_s"][k]) == res["reps"] for k in ("ours", "theirs"))
+        for side in ("ours", "theirs"):
+            assert r["memory"][side]["step_peak_mb"] > 0  # a training / inference step allocates something
+    assert set(res["ggsm"]["median_s"]) == {"bidirectional", "ggsm"} and "overhead" in res["ggsm"]
+    assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
+    pad = res["padding"]
+    w = bench.WORK["padding"][1]
+    assert pad["padded"]["token_slots"] == pad["steps"] * w["B"] * w["pad_to"] * 2  # both towers padded
+    assert pad["dynamic"]["nonpad_tokens"] == pad["padded"]["nonpad_tokens"]  # the same users, the same tokens
+    assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
+    # padded keys are masked and positions are unchanged, so the padded epoch computes the same losses
+    assert pad["max_loss_diff"] <= 1e-4
+    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "scaling", "padding"}
+
+
+def test_probe_section_still_runs(tmp_path):
+    out = tmp_path / "probe.json"
+    bench.main(["probe", "--n", "600", "--d", "8", "--reps", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    ours = res["solvers"][0]
+    # same objective: ours (tight Newton) reaches at most scikit-learn's value
+    assert ours["objective"] <= min(s["objective"] for s in res["solvers"]) + 1e-6
+    assert 0.5 < ours["test_auc"] <= 1.0
