@@ -73,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--tiny-heads", type=int, default=4, help="attention heads")
     p.add_argument("--tiny-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
     p.add_argument("--tiny-vocab", type=int, default=1024, help="BPE vocabulary size trained on the data's text")
-    p.add_argument("--tiny-steps", type=int, default=150, help="causal-LM optimizer steps")
+    p.add_argument("--tiny-steps", type=int, default=120, help="causal-LM optimizer steps")
     p.add_argument("--tiny-batch", type=int, default=32, help="sequences per causal-LM step")
     p.add_argument("--tiny-lr", type=float, default=3e-3, help="causal-LM peak learning rate")
     # mask strategy
@@ -81,7 +81,7 @@ def get_args(argv=None):
     p.add_argument("--mask-warmup", type=float, default=0.1, help="GG-SM warm-up T_warm as a fraction of --steps (paper's Fig. 1: ~0.03; official code: 0.1)")
     p.add_argument("--capture-layer", default="last-block", help="'last-block' (input of the last block, default), 'final' (the paper's literal final hidden state) or a block index")
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
-    p.add_argument("--importance-norm", default="none", help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
+    p.add_argument("--importance-norm", default="none", choices=("none", "max", "mean", "zscore"), help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
     # optimisation
     p.add_argument("--steps", type=int, default=120, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch: users per optimizer step over all ranks")
@@ -384,8 +384,10 @@ def main(argv=None):
     # ---- model: a real checkpoint folder, or the small decoder built (once) from the training data
     model_dir = args.model
     if model_dir == "tiny":
-        key = hashlib.sha256(json.dumps([file_digest(train_path)] + [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")] + [args.max_len, args.answer_max_len, args.seed]).encode()).hexdigest()[:12]
-        model_dir = os.path.join(args.cache, f"tiny-{key}")
+        # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
+        recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed]
+        recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
+        model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
         if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
             log(f"building the small decoder in {model_dir} (causal-LM objective on {train_path})")
             build_tiny_decoder(args, records, report, model_dir, device, log)
@@ -498,6 +500,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         schedule.end_step(step)  # GG-SM: all-reduce the importance, EMA, freeze at T_warm - 1
         done = step + 1
+        if master and sys.stderr.isatty():  # a live progress bar on a terminal (the log lines go to stdout)
+            bar = "#" * (30 * done // args.steps)
+            print(f"\r[{bar:<30}] {done}/{args.steps} loss {loss_sum:.4f}\033[K", end="", file=sys.stderr, flush=True)
         if master and (step % args.log_every == 0 or done == args.steps):
             dt = time.time() - t_last
             rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
