@@ -73,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--tiny-heads", type=int, default=4, help="attention heads")
     p.add_argument("--tiny-kv-heads", type=int, default=2, help="key/value heads (grouped-query attention)")
     p.add_argument("--tiny-vocab", type=int, default=1024, help="BPE vocabulary size trained on the data's text")
-    p.add_argument("--tiny-steps", type=int, default=120, help="causal-LM optimizer steps")
+    p.add_argument("--tiny-steps", type=int, default=80, help="causal-LM optimizer steps")
     p.add_argument("--tiny-batch", type=int, default=32, help="sequences per causal-LM step")
     p.add_argument("--tiny-lr", type=float, default=3e-3, help="causal-LM peak learning rate")
     # mask strategy
@@ -83,10 +83,10 @@ def get_args(argv=None):
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
     p.add_argument("--importance-norm", default="none", choices=("none", "max", "mean", "zscore"), help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
     # optimisation
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps (T_total of every mask schedule)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch: users per optimizer step over all ranks")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (T_total of every mask schedule)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
