@@ -101,8 +101,7 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="log a metrics.jsonl line every N steps")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     p.add_argument("--halt-after", type=int, default=0, help="stop right after step N's checkpoint as if killed (tests resume)")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +136,9 @@ def gather_keep_grad(x, rank, world):
 # data order: one permutation per epoch, every global batch split rank-major into micro-batches, so the
 # gathered micro-batch is the same users in the same order for any world size (and resume needs only `step`)
 
-def micro_indices(n_users, step, batch_size, micro, world, rank, accum, m, seed):
+def micro_indices(n_users, step, batch_size, micro, world, rank, m, seed):
+    """Dataset indices of micro-step m of optimizer step `step` on `rank` (the tail of an epoch that does
+    not fill a global batch is skipped, so every rank always holds the same number of users)."""
     per_epoch = n_users // batch_size
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n_users)
@@ -464,7 +465,6 @@ def main(argv=None):
             save_checkpoint(run_dir, tensors, optimizer_tensors(opt, named), meta)
 
     t_last, tokens = time.time(), 0
-    step = start
     for step in range(start, args.steps):
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -473,7 +473,7 @@ def main(argv=None):
         # GG-SM / hybrid_mask warm-up: the user tower's dL/dh at this block feeds the next step's mask (Eq. 5)
         capture = schedule.capture_layer if schedule.wants_gradients(step) else None
         for m in range(accum):
-            idx = micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, accum, m, args.seed)
+            idx = micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, m, args.seed)
             batch = data.collate([train_set[i] for i in idx]).to(device)
             user_mask = schedule.train_mask(step, batch.user.attention_mask, torch.float32)
             answer_mask = schedule.train_mask(step, batch.answer.attention_mask, torch.float32, tower="answer")
