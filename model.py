@@ -572,20 +572,24 @@ def lora_state_dict(module):
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
 
 
-def load_lora_state_dict(module, sd):
-    """Copy LoRA tensors (as written by lora_state_dict) back into `module`; strict on names and shapes."""
-    own = lora_state_dict(module)
+def copy_strict(own, sd, where):
+    """Copy tensors sd into the tensors own (same names); a missing, unexpected or mis-shaped one is an error."""
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise ValueError(f"load_lora_state_dict: missing {missing}, unexpected {unexpected}")
-    if any(m.merged for m in module.modules() if isinstance(m, LoRALinear)):
-        raise ValueError("load_lora_state_dict: the LoRA layers are already merged into the base weights")
+        raise ValueError(f"{where}: missing {missing}, unexpected {unexpected}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{where}: {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     with torch.no_grad():
         for k, v in sd.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"load_lora_state_dict: {k!r} has shape {tuple(v.shape)}, "
-                                 f"expected {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def load_lora_state_dict(module, sd):
+    """Copy LoRA tensors (as written by lora_state_dict) back into `module`; strict on names and shapes."""
+    if any(m.merged for m in module.modules() if isinstance(m, LoRALinear)):
+        raise ValueError("load_lora_state_dict: the LoRA layers are already merged into the base weights")
+    copy_strict(lora_state_dict(module), sd, "load_lora_state_dict")
 
 
 def merge_lora(module):
@@ -695,13 +699,4 @@ class UserEncoder(nn.Module):
                 if "lora_" in k or k == "special_embeds" or k.startswith(("adapters.", "projector."))}
 
     def load_trainable_state_dict(self, sd):
-        own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"UserEncoder.load_trainable_state_dict: missing {missing}, unexpected {unexpected}")
-        with torch.no_grad():
-            for k, v in sd.items():
-                if tuple(v.shape) != tuple(own[k].shape):
-                    raise ValueError(f"UserEncoder.load_trainable_state_dict: {k!r} has shape {tuple(v.shape)}, "
-                                     f"expected {tuple(own[k].shape)}")
-                own[k].copy_(v)
+        copy_strict(self.trainable_state_dict(), sd, "UserEncoder.load_trainable_state_dict")

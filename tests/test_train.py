@@ -157,3 +157,24 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir, tmp_path, monkeypatc
     with open(os.path.join(out, "checkpoint", "state.json")) as f:
         assert json.load(f)["step"] == 2  # the last good checkpoint survives
     assert not os.path.exists(os.path.join(out, "checkpoint.tmp"))
+
+
+def test_checkpoint_tensors_checked_on_load(workdir):
+    """Loading a checkpoint into the wrong model names the offending tensor."""
+    import model
+    import probe
+    args = train.get_args(["--model", workdir["model"], "--mask", "ggsm"])
+    records, report = data.load_records(workdir["train"], require=("answer",))
+    cfg = model.ModelConfig.from_hf_config(os.path.join(workdir["model"], "config.json"))
+    encoder, _, schedule = probe.build_encoder(train.make_spec(args, workdir["model"], report, cfg.num_hidden_layers))
+    tensors, plain = probe.trainable_tensors(encoder, schedule)
+    probe.load_trainable(encoder, schedule, dict(tensors), plain)  # the round trip itself is accepted
+    key = next(k for k in tensors if "lora_A" in k)
+    bad = dict(tensors, **{key: torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=key.split("encoder.", 1)[1].replace(".", r"\.")):
+        probe.load_trainable(encoder, schedule, bad, plain)
+    missing = {k: v for k, v in tensors.items() if k != key}
+    with pytest.raises(ValueError, match="missing"):
+        probe.load_trainable(encoder, schedule, missing, plain)
+    with pytest.raises(ValueError, match="unexpected"):
+        probe.load_trainable(encoder, schedule, dict(tensors, **{"mask.layers.0.weight": torch.zeros(1)}), plain)
