@@ -680,17 +680,17 @@ class UserEncoder(nn.Module):
     def forward(self, input_ids, attention_mask, pool_index, mask=None, vectors=None, vector_pos=None,
                 return_layer=None):
         x = self.embed(input_ids, vectors, vector_pos)
-        out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer)
+        out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer)  # Eq. 11: H = M(x)
         hidden, h_k = out if return_layer is not None else (out, None)
         # pooling, projector and normalisation in fp32, whatever the decoder's dtype
-        if self.pooling == "token":  # <USER> for users, EOS for answers
+        if self.pooling == "token":  # Eq. 12: u = h_{t_USER} for users; the answer side pools its EOS (App. A.3)
             e = hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_index].float()  # (B, D)
         else:  # mean over real tokens
             w = attention_mask.float()[..., None]  # (B, L, 1)
             e = (hidden.float() * w).sum(1) / w.sum(1).clamp(min=1)
         if self.projector is not None:
             e = self.projector(e)
-        e = F.normalize(e, dim=-1)  # (B, E) fp32
+        e = F.normalize(e, dim=-1)  # Eq. 13: u / ||u||, (B, E) fp32
         return (e, h_k) if return_layer is not None else e
 
     def trainable_state_dict(self):
