@@ -178,3 +178,17 @@ def test_checkpoint_tensors_checked_on_load(workdir):
         probe.load_trainable(encoder, schedule, missing, plain)
     with pytest.raises(ValueError, match="unexpected"):
         probe.load_trainable(encoder, schedule, dict(tensors, **{"mask.layers.0.weight": torch.zeros(1)}), plain)
+
+
+def test_probe_cli_export_then_reprobe(workdir, tmp_path):
+    """probe.py --model (the Oracle row) with --export, then --embeddings: same table without re-embedding."""
+    import probe
+    emb = str(tmp_path / "emb.safetensors")
+    first = probe.main(["--model", workdir["model"], "--data", workdir["probe"], "--out", str(tmp_path / "a.json"),
+                        "--export", emb, "--max-len", "96"])
+    again = probe.main(["--embeddings", emb, "--data", workdir["probe"], "--out", str(tmp_path / "b.json")])
+    assert first["mask"] == "oracle" and again["mask"] == "oracle"
+    assert set(first["tasks"]) == set(data.TASKS)
+    assert again["tasks"] == first["tasks"] and again["mean_auc"] == first["mean_auc"]
+    with pytest.raises(SystemExit, match="no state.json"):
+        probe.main(["--checkpoint", str(tmp_path), "--data", workdir["probe"]])
