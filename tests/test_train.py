@@ -52,13 +52,15 @@ def common(w, out, *extra):
             "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", *extra]
 
 
-def test_two_ranks_equal_one_rank(workdir):
+@pytest.mark.parametrize("mask, micro", [("ggsm", 4), ("hybrid_mlp", 2)])
+def test_two_ranks_equal_one_rank(workdir, mask, micro):
     """2-process gloo run == 1-process run with the same global batch (losses and final weights), GG-SM
-    warm-up and ramp included, and both ranks end with identical parameters."""
-    r1, r2 = str(workdir["root"] / "one"), str(workdir["root"] / "two")
-    args = ["--mask", "ggsm", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8"]
-    run(common(workdir, r1, *args, "--micro-batch", "8"))
-    run(common(workdir, r2, *args, "--micro-batch", "4"), nproc=2)
+    warm-up and ramp included (hybrid_mlp: with gradient accumulation and the trainable mask MLPs), and
+    both ranks end with identical parameters."""
+    r1, r2 = str(workdir["root"] / f"one-{mask}"), str(workdir["root"] / f"two-{mask}")
+    args = ["--mask", mask, "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8"]
+    run(common(workdir, r1, *args, "--micro-batch", str(2 * micro)))
+    run(common(workdir, r2, *args, "--micro-batch", str(micro)), nproc=2)
     l1, l2 = losses(r1), losses(r2)
     assert len(l1) == len(l2) == 4
     assert max(abs(x - y) for x, y in zip(l1, l2)) < 1e-5, f"losses differ: {l1} vs {l2}"
