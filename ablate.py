@@ -81,8 +81,7 @@ def run_one(strategy, seed, args, base_argv, out):
     with open(done) as f:
         result = json.load(f)
     result["wall_s"] = time.time() - t0
-    with open(done, "w") as f:
-        json.dump(result, f, indent=1)
+    probe.write_json(done, result)
     return result
 
 
@@ -245,8 +244,7 @@ def main(argv=None):
                "stability": stability, "wall_s": time.time() - t_start,
                "runs": {f"{s}-seed{k}": r for (s, k), r in results.items()},
                "settings": {"model": model_dir, "data": train_path, "probe_data": probe_path, "train_args": base["extra"]}}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    probe.write_json(os.path.join(out, "results.json"), summary)
     print(text)
     print(f"ablation written to {out} in {time.time() - t_start:.0f}s")
     return summary

@@ -457,7 +457,8 @@ class Batch:
                      self.user_ids, self.labels, self.index.to(device))
 
 
-def _pad(seqs, pad_id):
+def pad(seqs, pad_id):
+    """Right-pad token lists: -> ids (B, L) long, attention_mask (B, L) long, L = the longest."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     att = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -472,7 +473,7 @@ def collate(examples):
     vector_dims gets a tensor, empty (0, F) when the batch has none, so each adapter always runs
     (DDP then sees the same parameters used on every rank)."""
     pad_id, dims = examples[0]["pad_id"], examples[0]["vector_dims"]
-    ids, att = _pad([e["input_ids"] for e in examples], pad_id)
+    ids, att = pad([e["input_ids"] for e in examples], pad_id)
     vectors, vector_pos = {}, {}
     for m, F in dims.items():
         pos = [(r, c) for r, e in enumerate(examples) for c in e["vector_pos"].get(m, [])]
@@ -485,7 +486,7 @@ def collate(examples):
         raise ValueError("collate: some examples have an answer and some do not")
     answer = None
     if all(has):
-        a_ids, a_att = _pad([e["answer_ids"] for e in examples], pad_id)
+        a_ids, a_att = pad([e["answer_ids"] for e in examples], pad_id)
         answer = Side(a_ids, a_att, a_att.sum(1) - 1, {}, {})  # EOS is the last real token
     return Batch(user, answer, [e["user_id"] for e in examples], [e["labels"] for e in examples],
                  torch.tensor([e["index"] for e in examples], dtype=torch.long))

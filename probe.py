@@ -533,16 +533,22 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0):
     return result
 
 
+def probe_records(encoder, template, schedule, records, device, name, checkpoint=None, out=None, export=None,
+                  batch_size=64, seed=0):
+    """Embed labelled records under the strategy's inference mask, optionally export, probe and report."""
+    emb = embed_records(encoder, template, schedule, records, device, batch_size)
+    if export:
+        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
+    return report_probe(emb, records, name, out, checkpoint, seed)
+
+
 def run(encoder, template, schedule, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
         batch_size=64, export=None, seed=0):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run)."""
     records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
     if report.n_bad:
         print(report, file=sys.stderr)
-    emb = embed_records(encoder, template, schedule, records, device, batch_size)
-    if export:
-        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    return report_probe(emb, records, name, out, checkpoint, seed)
+    return probe_records(encoder, template, schedule, records, device, name, checkpoint, out, export, batch_size, seed)
 
 
 def oracle_spec(model_dir, report, max_len):
@@ -595,10 +601,8 @@ def main(argv=None):
             sys.exit(f"error: --model {args.model}: no config.json")
         encoder, template, schedule = build_encoder(oracle_spec(args.model, report, args.max_len), args.device)
         name = args.name or "oracle"
-    emb = embed_records(encoder, template, schedule, records, args.device, args.batch_size)
-    if args.export:
-        save_embeddings(args.export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": args.checkpoint})
-    return report_probe(emb, records, name, args.out, args.checkpoint, args.seed)
+    return probe_records(encoder, template, schedule, records, args.device, name, args.checkpoint, args.out,
+                         args.export, args.batch_size, args.seed)
 
 
 if __name__ == "__main__":

@@ -224,8 +224,7 @@ def save_checkpoint(run_dir, tensors, optim, meta):
     os.makedirs(tmp)
     save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
     save_file(optim, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    probe.write_json(os.path.join(tmp, "state.json"), meta)
     # swap: the previous checkpoint stays whole under .old until the new one is in place
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
@@ -275,12 +274,7 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
     first = last = None
     for step in range(args.tiny_steps):
         idx = rng.choice(len(seqs), size=min(args.tiny_batch, len(seqs)), replace=False)
-        L = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), L), template.pad_id, dtype=torch.long)
-        am = torch.zeros((len(idx), L), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            am[row, : len(seqs[i])] = 1
+        ids, am = data.pad([seqs[i] for i in idx], template.pad_id)
         ids, am = ids.to(device), am.to(device)
         hidden = dec(input_ids=ids, mask=ggsm.causal_mask(am, torch.float32))
         logits = dec.logits(hidden[:, :-1])                                   # (B, L-1, V)
@@ -433,8 +427,7 @@ def main(argv=None):
 
     if master:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        probe.write_json(os.path.join(run_dir, "args.json"), vars(args))
         n_train = sum(p.numel() for p in params)
         log(f"torch {torch.__version__} | device {device} x{world} | model {model_dir} | {n_users} users | "
             f"mask {args.mask} | steps {args.steps} | batch {args.batch_size} = {args.micro_batch} x {accum} accum x {world} ranks | "
