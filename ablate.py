@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 import data
+import ggsm
 import probe
 import train
 
-STRATEGIES = ("oracle", "causal", "hybrid_mask", "hybrid_mlp", "hybrid_gq", "bidirectional", "scheduler", "ggsm")
+STRATEGIES = ("oracle",) + tuple(ggsm.STRATEGIES)  # the untrained Oracle row, then Table 2's strategies
 # two-sided 95% Student-t quantiles t_{0.975, df}; df > 30 uses the normal 1.96
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]

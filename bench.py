@@ -32,9 +32,9 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
            backbone, InfoNCE of ggsm.info_nce, grad clip, AdamW) on the same right-padded batch, GG-SM's
            warm-up mask at step 0 (soft future weight 0.5): non-pad tokens/s and peak memory.
   embed    inference (no grad) under the bidirectional mask: users/s and peak memory.
-  ggsm     ours only: a GG-SM warm-up step (capture of h_k at schedule.capture_layer, retain_grad,
-           schedule.accumulate, schedule.end_step, mask rebuilt from the importance) against a plain
-           bidirectional step (mask built by the schedule too). Target: <= 5% overhead.
+  ggsm     ours only: train.train_step in GG-SM's warm-up (capture of h_k at strategy.capture_layer,
+           retain_grad, strategy.accumulate, strategy.end_step, mask rebuilt from the importance) against
+           the same step under the bidirectional strategy. Target: <= 5% overhead.
   scaling  the train step at L = 128, 256, 512, 1024 (quick: 16, 32, 64) with B*L fixed (same tokens per
            step), so the growth is the attention's share.
   padding  "what a user of the official code pays": one epoch of the embedded synthetic benchmark
@@ -66,6 +66,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ import data
 import ggsm
 import model
 import probe
+import train
 
 def synthetic_features(n, d, seed=0, kind="mixed"):
     """Gaussian features with labels from a logistic model. kind "mixed": mildly correlated (identity
@@ -328,40 +330,26 @@ def make_embed_step(c, batch, mask_dtype, autocast):
     return step
 
 
-def make_ggsm_steps(c, batch, mask_dtype, autocast, n_layers):
-    """(plain bidirectional step, GG-SM warm-up step), ours only, each with its own optimizer and schedule.
-    The GG-SM schedule never leaves warm-up here, so every timed step captures and accumulates."""
-    u_side, a_side = batch["user"], batch["answer"]
-    params = [p for p in c.module.parameters() if p.requires_grad]
+def make_ggsm_steps(c, batch, autocast, n_layers):
+    """(plain bidirectional step, GG-SM warm-up step), ours only: train.train_step under each strategy, each with
+    its own optimizer. The GG-SM strategy never leaves warm-up here, so every timed step captures and accumulates."""
+    encoder = model.UserEncoder(c.module, [], {}).train()
+    towers = train.DualTower(encoder, None)
+    user, answer = (data.Side(batch[k]["ids"], batch[k]["am"], batch[k]["pool"], {}, {}) for k in ("user", "answer"))
+    b = data.Batch(user, answer, [], [], torch.zeros(0, dtype=torch.long))
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    loss_fn = partial(ggsm.info_nce, tau=TAU, margin=MARGIN)
 
-    def make(strategy):
+    def make(name):
         big = 10 ** 9
-        schedule = ggsm.MaskSchedule(strategy, total_steps=big, warmup_steps=big - 1 if strategy == "ggsm" else 0,
-                                     n_layers=n_layers)
+        strategy = ggsm.STRATEGIES[name](total_steps=big, warmup_steps=big - 1, n_layers=n_layers)
         opt = torch.optim.AdamW(params, lr=1e-5)
-        capture = schedule.capture_layer  # None for bidirectional
         counter = [0]
 
         def step():
-            t = counter[0]
-            user_mask = schedule.train_mask(t, u_side["am"], mask_dtype)
-            answer_mask = schedule.train_mask(t, a_side["am"], mask_dtype, tower="answer")
-            with autocast:
-                out = c.hidden(u_side["ids"], user_mask, return_layer=capture)
-                hu, h = out if capture is not None else (out, None)
-                if h is not None:
-                    h.retain_grad()  # dL/dh_k of the user tower (Eq. 5)
-                ha = c.hidden(a_side["ids"], answer_mask)
-            loss = ggsm.info_nce(pool(hu, u_side["pool"]), pool(ha, a_side["pool"]), TAU, MARGIN)
-            loss.backward()
-            if h is not None:
-                schedule.accumulate(h.grad.float(), u_side["am"])
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            schedule.end_step(t)
+            out = train.train_step(towers, strategy, opt, [b], counter[0], loss_fn, autocast=autocast)
             counter[0] += 1
-            return loss
+            return out["loss"]
 
         return step
 
@@ -514,7 +502,7 @@ def section_embed(ctx):
 def section_ggsm(ctx):
     w = ctx["work"]["ggsm"]
     batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
-    bi, gg = make_ggsm_steps(ctx["ours"], batch, ctx["mask_dtype"], ctx["autocast"], ctx["n_layers"])
+    bi, gg = make_ggsm_steps(ctx["ours"], batch, ctx["autocast"], ctx["n_layers"])
     times = time_interleaved({"bidirectional": bi, "ggsm": gg}, ctx["reps"], ctx["device"])
     med = {k: median(v) for k, v in times.items()}
     # paired per round: both steps of a round ran back to back, so their ratio sees the same machine load
@@ -575,40 +563,25 @@ def section_padding(ctx):
     batches = [data.collate([dataset[i] for i in order[s:s + w["B"]]]) for s in range(0, len(order) - w["B"] + 1, w["B"])]
     n_steps = len(batches)
 
+    towers = train.DualTower(encoder, None)
+    loss_fn = partial(ggsm.info_nce, tau=TAU, margin=MARGIN)
+
     def epoch(pad_to):
         encoder.load_trainable_state_dict(init)  # the same start for both epochs
-        params = [p for p in encoder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        schedule = ggsm.MaskSchedule("ggsm", total_steps=n_steps, warmup_steps=max(1, n_steps // 10),
-                                     n_layers=ctx["n_layers"])
+        opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
+        strategy = ggsm.STRATEGIES["ggsm"](total_steps=n_steps, warmup_steps=max(1, n_steps // 10), n_layers=ctx["n_layers"])
         losses, tokens, slots = [], 0, 0
         sync(ctx["device"])
         t0 = time.perf_counter()
         for t, b in enumerate(batches):
-            user, answer = b.user.to(ctx["device"]), b.answer.to(ctx["device"])
+            b = b.to(ctx["device"])
             if pad_to:
-                user, answer = pad_side(user, pad_to, template.pad_id), pad_side(answer, pad_to, template.pad_id)
-            tokens += int(user.attention_mask.sum() + answer.attention_mask.sum())
-            slots += user.input_ids.numel() + answer.input_ids.numel()
-            capture = schedule.capture_layer if schedule.wants_gradients(t) else None
-            with ctx["autocast"]:
-                out = encoder(user.input_ids, user.attention_mask, user.pool_index,
-                              mask=schedule.train_mask(t, user.attention_mask, ctx["mask_dtype"]),
-                              vectors=user.vectors, vector_pos=user.vector_pos, return_layer=capture)
-                u, h = out if capture is not None else (out, None)
-                if h is not None:
-                    h.retain_grad()
-                a = encoder(answer.input_ids, answer.attention_mask, answer.pool_index,
-                            mask=schedule.train_mask(t, answer.attention_mask, ctx["mask_dtype"], tower="answer"))
-            loss = ggsm.info_nce(u.float(), a.float(), TAU, MARGIN)
-            loss.backward()
-            if h is not None:
-                schedule.accumulate(h.grad.float(), user.attention_mask)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            schedule.end_step(t)
-            losses.append(loss.item())
+                b = data.Batch(pad_side(b.user, pad_to, template.pad_id), pad_side(b.answer, pad_to, template.pad_id),
+                               b.user_ids, b.labels, b.index)
+            slots += b.user.input_ids.numel() + b.answer.input_ids.numel()
+            out = train.train_step(towers, strategy, opt, [b], t, loss_fn, autocast=ctx["autocast"])
+            tokens += out["tokens"]
+            losses.append(out["loss"])
         sync(ctx["device"])
         return {"seconds": time.perf_counter() - t0, "nonpad_tokens": tokens, "token_slots": slots, "losses": losses}
 

@@ -11,7 +11,7 @@ What this file holds (nothing here is model code; the modality adapters live in 
   tokenized with `tokenizers`; events that carry a `vector` become one `<VEC>` placeholder whose
   position and vector travel with the batch (model.py splices the adapter output in);
 - `train_tokenizer` (byte-level BPE) for the small default decoder;
-- `UserDataset`, `collate` (dynamic right padding), `LengthBucketSampler`;
+- `UserDataset`, `collate` (dynamic right padding);
 - `write_synthetic`: the embedded benchmark (six modalities over 90 days, the paper's nine tasks).
 
 The record (one JSON object per line):
@@ -401,11 +401,11 @@ class Template:
 
 
 # -----------------------------------------------------------------------------
-# Dataset, batches, sampler
+# Dataset and batches
 
 class UserDataset(torch.utils.data.Dataset):
     """Encodes every record once (records are small; a DataLoader then only pads). `lengths` holds
-    the user-side lengths for LengthBucketSampler; `n_cut` the events dropped by truncation."""
+    the user-side lengths (probe.embed_records batches by them); `n_cut` the events dropped by truncation."""
 
     def __init__(self, records, template, with_answer=True):
         self.template = template
@@ -490,41 +490,6 @@ def collate(examples):
         answer = Side(a_ids, a_att, a_att.sum(1) - 1, {}, {})  # EOS is the last real token
     return Batch(user, answer, [e["user_id"] for e in examples], [e["labels"] for e in examples],
                  torch.tensor([e["index"] for e in examples], dtype=torch.long))
-
-
-class LengthBucketSampler(torch.utils.data.Sampler):
-    """Batch sampler grouping similar lengths (less padding), deterministic per (seed, epoch).
-    Shuffle, cut into pools of `pool` batches, sort each pool by length, batch, shuffle the batches;
-    with num_replicas > 1 each rank takes every num_replicas-th batch and all ranks get the same
-    number of batches (DDP needs equal step counts)."""
-
-    def __init__(self, lengths, batch_size, seed=0, pool=50, drop_last=False, num_replicas=1, rank=0):
-        self.lengths, self.batch_size, self.seed, self.pool = np.asarray(lengths), batch_size, seed, pool
-        self.drop_last, self.num_replicas, self.rank, self.epoch = drop_last, num_replicas, rank, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _batches(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        perm = rng.permutation(len(self.lengths))
-        chunk = self.batch_size * self.pool
-        batches = []
-        for s in range(0, len(perm), chunk):
-            p = perm[s: s + chunk]
-            p = p[np.argsort(self.lengths[p], kind="stable")]
-            batches += [p[i: i + self.batch_size].tolist() for i in range(0, len(p), self.batch_size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        n = len(batches) // self.num_replicas
-        return batches[self.rank: n * self.num_replicas: self.num_replicas]
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self):
-        return len(self._batches())
 
 
 # -----------------------------------------------------------------------------

@@ -5,14 +5,15 @@ Soft Masking (GG-SM) and the masked InfoNCE loss.
 Reference: "How Do Decoder-Only LLMs Perceive Users? Rethinking Attention Masking for User
 Representation Learning", arXiv 2602.10622 (Sec. 4 Eq. 4-8, App. A.4 Eq. 15, Table 2). The official
 code is github.com/JhCircle/Deepfind-GGSM; every place where this file does something else is marked
-"official code:" in a comment, and GGSM_TABLE.md sums those places up.
+"official code:" in a comment, and the README's deviations table sums those places up.
 
 What is here (every strategy of the paper's Table 2):
     causal_mask, bidirectional_mask, window_mask, soft_future_mask, global_query_mask   pure functions
     HybridMLPBias        hybrid_mlp: a small per-layer MLP predicting the future bias of each query row
     GradientImportance   per-position ||dL/dh_j|| collected over micro-steps, all-reduced across ranks
-    MaskSchedule         causal | oracle | bidirectional | scheduler | ggsm | hybrid_mask | hybrid_mlp
-                         | hybrid_gq, driven by the optimizer step
+    Strategy             the base class of a mask strategy; STRATEGIES: name -> class, the only list:
+                         causal | hybrid_mask | hybrid_mlp | hybrid_gq | bidirectional | scheduler | ggsm
+    mean_future_weight   the logged "Soft Mask Average Weight" of a mask as used
     info_nce             the masked InfoNCE of Eq. 6-8 with same-side negatives
 
 The mask convention (shared by model.py): a mask is an additive float tensor broadcastable to
@@ -29,21 +30,22 @@ X = finfo.min:
     query 2 [   0       0         0         X ]
     query 3 [   0       0         0         X ]   <- padded query row: finite, its output is unused
 
-How the trainer drives a schedule (train.py):
+The causal mask puts X where the example has log w; the bidirectional mask puts 0 there.
 
-    schedule = MaskSchedule("ggsm", total_steps=S, warmup_steps=W, n_layers=cfg.num_hidden_layers)
+How a strategy is driven (train.train_step is one iteration of the outer loop):
+
+    strategy = STRATEGIES["ggsm"](total_steps=S, warmup_steps=W, n_layers=..., hidden_size=..., n_heads=...)
     for step in range(S):
-        for micro in range(grad_accum):
-            mask_u = schedule.train_mask(step, user.attention_mask, dtype)
-            mask_a = schedule.train_mask(step, answer.attention_mask, dtype, tower="answer")
-            if schedule.wants_gradients(step):
-                u, h = encoder(..., mask=mask_u, return_layer=schedule.capture_layer)
-                h.retain_grad()
-            ...; loss = info_nce(u, a, tau, margin) / grad_accum; loss.backward()
-            if schedule.wants_gradients(step):
-                schedule.accumulate(h.grad, user.attention_mask, scale=grad_accum)
-        optimizer.step(); schedule.end_step(step)      # every rank: it all-reduces
-    probe/eval: schedule.inference_mask(attention_mask, dtype[, tower="answer"])
+        capture = strategy.capture_layer if strategy.wants_gradients(step) else None
+        for batch in micro_batches:                    # n micro-steps of one optimizer step
+            mask_u = strategy.train_mask(step, batch.user.attention_mask, dtype)
+            mask_a = strategy.train_mask(step, batch.answer.attention_mask, dtype, tower="answer")
+            u, a, h = towers(batch, mask_u, mask_a, capture)     # h: the user tower at capture, retain_grad()
+            (info_nce(u, a, tau, margin) / n).backward()
+            if capture is not None:
+                strategy.accumulate(h.grad * n, batch.user.attention_mask)   # dL/dh of the step's loss
+        optimizer.step(); strategy.end_step(step)      # every rank: end_step all-reduces
+    embedding export / probe: strategy.inference_mask(attention_mask, dtype[, tower="answer"])
 
 Tests: python -m pytest -q tests/test_ggsm.py
 """
@@ -55,7 +57,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-STRATEGIES = ("causal", "oracle", "bidirectional", "scheduler", "ggsm", "hybrid_mask", "hybrid_mlp", "hybrid_gq")
 NORMALIZE = ("none", "max", "mean", "zscore")
 
 # -----------------------------------------------------------------------------
@@ -194,7 +195,6 @@ class HybridMLPBias(nn.Module):
         for mlp in self.mlps:
             nn.init.zeros_(mlp[-1].weight)
             nn.init.constant_(mlp[-1].bias, math.log(init_weight / (1.0 - init_weight)))  # sigmoid(b) = init_weight
-        self.last_mean_weight = None  # detached mean future weight of the last call, for logs
 
     def forward(self, layer_idx, h, attention_mask, dtype=None):
         _check_attention_mask(attention_mask, "HybridMLPBias")
@@ -208,8 +208,6 @@ class HybridMLPBias(nn.Module):
         log_w = F.logsigmoid(x)  # (B, L) log of a weight in (0, 1)
         row, col = _grid(h.shape[1], h.device)
         log_w = torch.where(col > row, log_w[:, :, None], torch.zeros((), device=h.device))  # (B, L, L): j > i only
-        with torch.no_grad():
-            self.last_mean_weight = torch.sigmoid(x).mean()
         return _to_additive(_everywhere(h.shape[1], h.device), attention_mask, dtype or h.dtype, log_w)
 
 
@@ -236,7 +234,7 @@ class GradientImportance:
     positions; before any gradient has been seen the importance is 0 everywhere (sigma(0) = 0.5, the
     official step-0 value).
     Normalisation (optional, off by default so Eq. 5 runs as written): raw norms are O(1e-4) and make
-    sigma(||g||) = 0.5 everywhere (PAPER.md 1.3). 'max' divides by the largest seen importance
+    sigma(||g||) = 0.5 everywhere. 'max' divides by the largest seen importance
     (weights in [0.5, 0.73]), 'mean' by the mean (weights around 0.73), 'zscore' standardises
     ((I - mean) / std, weights on both sides of 0.5). Applied over the seen positions, before sigma.
     """
@@ -252,10 +250,9 @@ class GradientImportance:
         self._sum = None  # (L,) this step's sum over rows of ||g_{b,j}||, on the gradient's device
         self._count = None  # (L,) this step's number of rows with a token at j
 
-    def accumulate(self, grad, attention_mask, scale=1.0):
-        """grad: (B, L, D) = dL/dh for one micro-step of the user tower. scale multiplies the norms: the
-        trainer backpropagates loss / grad_accum, so scale = grad_accum gives the gradient of the
-        step's loss."""
+    def accumulate(self, grad, attention_mask):
+        """grad: (B, L, D) = dL/dh of the step's loss for one micro-step of the user tower (a trainer
+        that backpropagates a scaled loss rescales the gradient first)."""
         _check_attention_mask(attention_mask, "GradientImportance.accumulate")
         if grad is None:
             raise ValueError("GradientImportance.accumulate: grad is None; call h.retain_grad() before backward")
@@ -263,7 +260,7 @@ class GradientImportance:
             raise ValueError(f"GradientImportance.accumulate: grad must be (B, L, D) matching attention_mask "
                              f"{tuple(attention_mask.shape)}, got {tuple(grad.shape)}")
         real = attention_mask.to(grad.device).bool()
-        norms = grad.detach().double().norm(dim=-1) * scale  # (B, L) ||dL/dh_{b,j}||_2 over the hidden dim
+        norms = grad.detach().double().norm(dim=-1)  # (B, L) ||dL/dh_{b,j}||_2 over the hidden dim
         s = (norms * real).sum(0)  # (L,) padded positions ignored
         c = real.sum(0).double()  # (L,)
         if self._sum is None:
@@ -302,6 +299,10 @@ class GradientImportance:
         new[k:n_new] = step_imp[k:]  # first sighting: the step's value
         self.importance = new
         self.updates += 1
+
+    def discard_step(self):
+        """Drop this step's sums without using them (after warm-up the gradients are not needed)."""
+        self._sum = self._count = None
 
     def normalized(self):
         """The importance of the seen positions after the optional normalisation, (n_seen,) float64."""
@@ -362,103 +363,174 @@ def _check_keys(state, expected, where):
 
 
 # -----------------------------------------------------------------------------
-# MaskSchedule: which mask at which optimizer step
+# Strategies: which mask each tower gets at which optimizer step. STRATEGIES is the only list of them.
 
 
-class MaskSchedule:
+def mean_future_weight(mask, attention_mask):
+    """Figure 1's "Soft Mask Average Weight" of a mask as used: the mean of exp(M_ij) over the pairs j > i
+    of real tokens, over the batch and the heads (0 = causal, 1 = bidirectional). mask: additive
+    (B, 1|H, L, L); attention_mask (B, L). nan when no row has two tokens."""
+    real = attention_mask.bool()
+    row, col = _grid(real.shape[1], real.device)
+    pairs = (col > row) & real[:, :, None] & real[:, None, :]  # (B, L, L): future key j of query i, both real
+    n = int(pairs.sum())
+    if n == 0:
+        return float("nan")
+    w = mask.detach().double().exp().mean(1)  # (B, L, L) weight exp(M_ij); finfo.min -> 0
+    return float((w * pairs).sum() / n)
+
+
+class Strategy:
     """
-    One object per run; every method takes the OPTIMIZER step t (0-based). Official code: its schedule
-    counts micro-batches (global_step), so T_warm and T_total shrink by the accumulation factor.
+    An attention-mask strategy: the mask of each tower at optimizer step `step` (0-based; steps are
+    OPTIMIZER steps. Official code: its schedule counts micro-batches, so T_warm and T_total shrink by
+    the accumulation factor). Constructed with keyword arguments; the base stores the run's length
+    (total_steps, warmup_steps), the model's shape (n_layers, hidden_size, n_heads) and any other
+    option (self.options), so a subclass that needs nothing else has no __init__ of its own.
 
-    causal, oracle   causal at training and inference (oracle = the untrained causal model: the trainer
-                     skips the optimizer; the mask is the same)
-    bidirectional    "Direct" (App. A.4 Bi a): bidirectional from step 0
-    scheduler        App. A.4 Bi b: window_mask with delta(t) = floor(L * t / T_total) (linear) or
-                     floor(L * (1 - cos(pi t / T_total)) / 2) (cosine), L = the batch's length; causal at
-                     t = 0, bidirectional from T_total on and at inference
-    ggsm             Eq. 4, 5, 15: warm-up t < T_warm: w_j = sigma(I_j) from the gradients of the steps
-                     before t (none at t = 0: I = 0, w = sigma(0) = 0.5 everywhere, as in the official
-                     code); end_step(T_warm - 1) freezes w_frozen = sigma(I) including that step's
-                     gradients; ramp T_warm <= t < T_total: w = (1 - a_t) w_frozen + a_t,
-                     a_t = (t - T_warm) / (T_total - T_warm); bidirectional from T_total on and at inference
-    hybrid_mask      App. A.4 Hybrid a: the ggsm warm-up mask, frozen at T_warm - 1, never ramped; the
-                     frozen mask is also the inference mask (the paper does not say; a model trained
-                     with a soft mask is evaluated with it). If training stops before the freeze, the
-                     latest warm-up weights are used.
-    hybrid_mlp       App. A.4 Hybrid b: HybridMLPBias; train_mask returns a callable mask(layer_idx, h)
-    hybrid_gq        App. A.4 Hybrid c: global_query_mask on the user tower
-
-    The answer tower (tower="answer") gets the same strategy's mask at its own length, as in the
-    official code (which adds the same soft bias to both towers): the user importance of column j also
-    weights answer column j (with the same fallback beyond the seen length). Exception: hybrid_gq,
-    whose answers carry no <GLOBAL> token, is causal on the answer tower.
+    A subclass implements
+        train_mask(step, attention_mask, dtype, tower)   a (B, 1, L, L) additive mask, or a callable
+                                                         mask(layer_idx, h) the decoder evaluates at the
+                                                         input of each block
+        inference_mask(attention_mask, dtype, tower)     embedding export and probing (default here: the
+                                                         training mask at step total_steps)
+    tower is "user" or "answer": both towers run the same strategy at their own lengths unless a
+    strategy says otherwise (hybrid_gq). Defaults below, overridden where a strategy needs them:
+        capture_layer = None, wants_gradients(step) False   no dL/dh read (GG-SM, hybrid_mask read it)
+        module = None           a trainable nn.Module trained with the encoder (hybrid_mlp)
+        global_token = False    a <GLOBAL> token the template puts first (hybrid_gq)
+        end_step(step)          after every optimizer step on every rank; nothing here
+        state_dict()            what a checkpoint keeps: tensors and ints; empty here
+    Every rank must build the same mask: whatever a strategy learns from gradients it all-reduces in
+    end_step.
     """
 
-    def __init__(self, strategy, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, capture_layer=None,
-                 window_schedule="linear", ema=0.0, normalize="none", mlp_hidden=64, mlp_init_weight=0.02):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"MaskSchedule: unknown strategy {strategy!r}, expected one of {STRATEGIES}")
+    global_token = False
+
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, n_heads=None, **options):
+        where = type(self).__name__
         if int(total_steps) != total_steps or total_steps < 1:
-            raise ValueError(f"MaskSchedule: total_steps must be an integer >= 1, got {total_steps}")
+            raise ValueError(f"{where}: total_steps must be an integer >= 1, got {total_steps}")
         if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"MaskSchedule: warmup_steps must be an integer >= 0, got {warmup_steps}")
-        if strategy == "ggsm" and warmup_steps >= total_steps:
-            raise ValueError(f"MaskSchedule('ggsm'): warmup_steps ({warmup_steps}) must be < total_steps ({total_steps}), "
-                             "else alpha_t = (t - T_warm) / (T_total - T_warm) is undefined")
-        if window_schedule not in ("linear", "cosine"):
-            raise ValueError(f"MaskSchedule: window_schedule must be 'linear' or 'cosine', got {window_schedule!r}")
-        self.strategy, self.total_steps, self.warmup_steps = strategy, int(total_steps), int(warmup_steps)
-        self.window_schedule = window_schedule
-        self.importance, self.frozen, self.module, self.capture_layer = None, None, None, None
-        self._last_len = None  # user-tower length of the last train_mask call, for mean_future_weight
+            raise ValueError(f"{where}: warmup_steps must be an integer >= 0, got {warmup_steps}")
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.n_layers, self.hidden_size, self.n_heads = n_layers, hidden_size, n_heads
+        self.options = options
+        self.capture_layer = None
+        self.module = None
 
-        if strategy in ("ggsm", "hybrid_mask"):
-            if n_layers is None and capture_layer is None:
-                raise ValueError(f"MaskSchedule({strategy!r}): pass n_layers (or capture_layer) to choose where dL/dh is taken")
-            # Default: the input of the last block. The paper's literal choice, the final normed output
-            # (capture_layer = n_layers), is degenerate: with mean pooling every position gets the same
-            # gradient dL/dpool / n, with <USER> pooling it is zero except at the pooled token (PAPER.md 1.3).
-            self.capture_layer = int(n_layers - 1 if capture_layer is None else capture_layer)
-            if n_layers is not None and not 0 <= self.capture_layer <= n_layers:
-                raise ValueError(f"MaskSchedule: capture_layer must be in [0, {n_layers}], got {self.capture_layer}")
-            self.importance = GradientImportance(ema=ema, normalize=normalize)
-            if self.warmup_steps == 0:  # no warm-up: freeze the empty importance, i.e. w = sigma(0) = 0.5
-                self.frozen = torch.zeros(0, dtype=torch.float64)
-        if strategy == "hybrid_mlp":
-            if n_layers is None or hidden_size is None:
-                raise ValueError("MaskSchedule('hybrid_mlp'): n_layers and hidden_size are required")
-            self.module = HybridMLPBias(n_layers, hidden_size, mlp_hidden, mlp_init_weight)
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        raise NotImplementedError(f"{type(self).__name__}.train_mask")
 
-    # ---- which mask
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
 
     def phase(self, step):
-        s = self.strategy
-        if s in ("ggsm", "hybrid_mask") and step < self.warmup_steps:
-            return "warmup"
-        if s == "ggsm":
-            return "ramp" if step < self.total_steps else "bidirectional"
-        if s == "scheduler":
-            return "window" if step < self.total_steps else "bidirectional"
-        return {"hybrid_mask": "frozen", "hybrid_mlp": "mlp", "hybrid_gq": "global_query"}.get(s, s)
+        """A word for the logs: where in its schedule the strategy is at `step`."""
+        return "fixed"
+
+    def wants_gradients(self, step):
+        return False
+
+    def accumulate(self, grad, attention_mask):
+        raise RuntimeError(f"{type(self).__name__}.accumulate: this strategy uses no gradients")
+
+    def end_step(self, step):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        _check_keys(state, [], f"{type(self).__name__}.load_state_dict")
+
+
+class Causal(Strategy):
+    """M^causal at training and at inference: the mask of pretraining."""
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        return causal_mask(attention_mask, dtype)
+
+
+class Bidirectional(Strategy):
+    """"Direct" (App. A.4 Bidirectional a): M^bi from step 0."""
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        return bidirectional_mask(attention_mask, dtype)
+
+
+class Scheduler(Strategy):
+    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = the batch's length;
+    causal at t = 0, bidirectional from T_total on and at inference."""
 
     def window_delta(self, step, L):
-        """Scheduler delta(t) for a batch of length L: 0 at t = 0, L at t = T_total (bidirectional)."""
-        t, T = min(step, self.total_steps), self.total_steps
-        if self.window_schedule == "linear":
-            return (L * t) // T  # integer floor, exact
-        # floor with a 1e-9 guard: cos(pi/2) = 6e-17 must not drop an exact integer by one
-        return int(math.floor(L * (1.0 - math.cos(math.pi * t / T)) / 2.0 + 1e-9))
+        return (L * min(step, self.total_steps)) // self.total_steps  # integer floor, exact
+
+    def phase(self, step):
+        return "window" if step < self.total_steps else "bidirectional"
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        if step >= self.total_steps:
+            return bidirectional_mask(attention_mask, dtype)
+        return window_mask(attention_mask, self.window_delta(step, attention_mask.shape[1]), dtype)
+
+
+class GGSM(Strategy):
+    """
+    Gradient-Guided Soft Masking, Eq. 4, 5, 15.
+      warm-up t < T_warm: w_j = sigma(I_j), I from the gradients of the steps before t (none at t = 0:
+          I = 0, w = sigma(0) = 0.5 everywhere, as in the official code); end_step(T_warm - 1) freezes
+          w_frozen = sigma(I) including that step's gradients (L_warm is the loss of step T_warm - 1);
+      ramp T_warm <= t < T_total: w = (1 - a_t) w_frozen + a_t, a_t = (t - T_warm) / (T_total - T_warm);
+      bidirectional from T_total on and at inference (paper: "at inference, M employs a fully
+      bidirectional" mask).
+    The answer tower gets the same column weights at its own length, as in the official code (which adds
+    the same soft bias to both towers), with the same fallback beyond the seen length.
+
+    Options: capture_layer, where dL/dh is read: "last-block" (default, the input of the last block), "final"
+    (the paper's literal final normed output, = n_layers) or a block index. The literal choice is
+    degenerate: with mean pooling every position gets the same gradient dL/dpool / n, with <USER> pooling
+    it is zero except at the pooled token. ema and normalize: see GradientImportance.
+    """
+
+    ramps = True  # ramp to bidirectional after warm-up (hybrid_mask keeps the frozen mask)
+
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, capture_layer="last-block", ema=0.0,
+                 normalize="none", **settings):
+        super().__init__(total_steps, warmup_steps, n_layers=n_layers, **settings)
+        where = type(self).__name__
+        if self.ramps and self.warmup_steps >= self.total_steps:
+            raise ValueError(f"{where}: warmup_steps ({warmup_steps}) must be < total_steps ({total_steps}), "
+                             "else alpha_t = (t - T_warm) / (T_total - T_warm) is undefined")
+        if capture_layer in ("last-block", "final"):
+            if n_layers is None:
+                raise ValueError(f"{where}: pass n_layers (or a block index as capture_layer) to place capture_layer")
+            capture_layer = n_layers - 1 if capture_layer == "last-block" else n_layers
+        if not str(capture_layer).isdigit() or (n_layers is not None and int(capture_layer) > n_layers):
+            raise ValueError(f"{where}: capture_layer must be 'last-block', 'final' or a block index in "
+                             f"[0, {n_layers}], got {capture_layer!r}")
+        self.capture_layer = int(capture_layer)
+        self.importance = GradientImportance(ema=ema, normalize=normalize)
+        # no warm-up: freeze the empty importance, i.e. w = sigma(0) = 0.5
+        self.frozen = torch.zeros(0, dtype=torch.float64) if self.warmup_steps == 0 else None
+
+    def phase(self, step):
+        if step < self.warmup_steps:
+            return "warmup"
+        if not self.ramps:
+            return "frozen"
+        return "ramp" if step < self.total_steps else "bidirectional"
 
     def future_weights(self, step, L, device=None):
-        """ggsm / hybrid_mask: w_j for j < L at step t (Eq. 5 / Eq. 15), (L,) float32."""
+        """w_j for j < L at step t (Eq. 5 / Eq. 15), (L,) float32."""
         phase = self.phase(step)
         if phase == "warmup":
             return self.importance.weights(L, device)  # Eq. 5, t < T_warm
         if phase == "bidirectional":
             return torch.ones(L, device=device)
         if self.frozen is None:
-            raise RuntimeError(f"MaskSchedule({self.strategy!r}): step {step} is past warm-up but no weights were frozen; "
-                               f"call end_step(step) after every optimizer step, or load_state_dict from a checkpoint")
+            raise RuntimeError(f"{type(self).__name__}: step {step} is past warm-up but no weights were frozen; "
+                               "call end_step(step) after every optimizer step, or load_state_dict from a checkpoint")
         w_frozen = torch.sigmoid(_extend(self.frozen, L)).float().to(device)  # sigma(||grad L_warm||)
         if phase == "frozen":
             return w_frozen
@@ -466,131 +538,114 @@ class MaskSchedule:
         return (1.0 - alpha) * w_frozen + alpha  # Eq. 5 second branch = Eq. 15
 
     def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
-        """The mask for a training forward at optimizer step `step`: a (B, 1, L, L) tensor, or for
-        hybrid_mlp a callable mask(layer_idx, h) that the decoder evaluates at each block's input."""
-        _check_attention_mask(attention_mask, "MaskSchedule.train_mask")
-        if tower not in ("user", "answer"):
-            raise ValueError(f"MaskSchedule.train_mask: tower must be 'user' or 'answer', got {tower!r}")
-        L, s = attention_mask.shape[1], self.strategy
-        if tower == "user":
-            self._last_len = L
-        if s in ("causal", "oracle"):
-            return causal_mask(attention_mask, dtype)
-        if s == "bidirectional":
-            return bidirectional_mask(attention_mask, dtype)
-        if s == "scheduler":
-            if step >= self.total_steps:
-                return bidirectional_mask(attention_mask, dtype)
-            return window_mask(attention_mask, self.window_delta(step, L), dtype)
-        if s == "ggsm" and step >= self.total_steps:
+        if self.phase(step) == "bidirectional":
             return bidirectional_mask(attention_mask, dtype)  # exactly 0 bias, no log(1) round-off
-        if s in ("ggsm", "hybrid_mask"):
-            return soft_future_mask(attention_mask, self.future_weights(step, L, attention_mask.device), dtype)  # Eq. 4
-        if s == "hybrid_mlp":
-            return self._mlp_mask(attention_mask, dtype)
-        if s == "hybrid_gq":
-            return global_query_mask(attention_mask, dtype) if tower == "user" else causal_mask(attention_mask, dtype)
-        raise AssertionError(s)
+        _check_attention_mask(attention_mask, f"{type(self).__name__}.train_mask")
+        w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
+        return soft_future_mask(attention_mask, w, dtype)  # Eq. 4
 
     def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
-        """The mask for embedding export / probing after training."""
-        s = self.strategy
-        if s in ("scheduler", "ggsm"):  # both end fully bidirectional (paper: "at inference, M employs a fully bidirectional")
-            _check_attention_mask(attention_mask, "MaskSchedule.inference_mask")
-            return bidirectional_mask(attention_mask, dtype)
-        if s == "hybrid_mask":
-            step = self.warmup_steps if self.frozen is not None else 0  # frozen weights, else the latest warm-up ones
-            return self.train_mask(step, attention_mask, dtype, tower)
-        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+        return bidirectional_mask(attention_mask, dtype)
 
-    def _mlp_mask(self, attention_mask, dtype):
+    def wants_gradients(self, step):
+        return step < self.warmup_steps
+
+    def accumulate(self, grad, attention_mask):
+        """Each micro-step, after backward: grad = dL/dh of the user tower at capture_layer, (B, L, D)."""
+        self.importance.accumulate(grad, attention_mask)
+
+    def end_step(self, step):
+        """All-reduce + EMA of the importance (a collective: every rank calls it); freeze at T_warm - 1."""
+        if step < self.warmup_steps:
+            self.importance.end_step()
+            if step == self.warmup_steps - 1:
+                self.frozen = self.importance.normalized().clone()
+        else:
+            self.importance.discard_step()  # after warm-up gradients are not used
+
+    def state_dict(self):
+        imp = self.importance.state_dict()
+        sd = {"importance": imp["importance"], "importance_updates": imp["updates"]}
+        if self.frozen is not None:
+            sd["frozen_importance"] = self.frozen.clone()
+        return sd
+
+    def load_state_dict(self, state):
+        expected = ["importance", "importance_updates"] + (["frozen_importance"] if "frozen_importance" in state else [])
+        _check_keys(state, expected, f"{type(self).__name__}.load_state_dict")
+        self.importance.load_state_dict({"importance": state["importance"], "updates": state["importance_updates"]})
+        fz = state.get("frozen_importance")
+        self.frozen = fz.detach().double().cpu().clone() if fz is not None else (
+            torch.zeros(0, dtype=torch.float64) if self.warmup_steps == 0 else None)
+
+
+class HybridMask(GGSM):
+    """App. A.4 Hybrid a: GG-SM's warm-up mask, frozen at T_warm - 1 and never ramped. The frozen mask is
+    also the inference mask (the paper does not say; a model trained with a soft mask is evaluated with
+    it); if training stops before the freeze, the latest warm-up weights are used."""
+
+    ramps = False
+
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+        step = self.warmup_steps if self.frozen is not None else 0
+        return self.train_mask(step, attention_mask, dtype, tower)
+
+
+class HybridMLP(Strategy):
+    """App. A.4 Hybrid b: HybridMLPBias, trained with the encoder; the mask is a callable mask(layer_idx, h)
+    the decoder evaluates at the input of each block."""
+
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, **settings):
+        super().__init__(total_steps, warmup_steps, n_layers=n_layers, hidden_size=hidden_size, **settings)
+        if n_layers is None or hidden_size is None:
+            raise ValueError("HybridMLP: n_layers and hidden_size are required")
+        self.module = HybridMLPBias(n_layers, hidden_size)
+
+    def phase(self, step):
+        return "mlp"
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        _check_attention_mask(attention_mask, "HybridMLP.train_mask")
         module = self.module
 
-        def mask(layer_idx, h):
-            # evaluated by the decoder at the input of block layer_idx: h = that block's input (B, L, D)
+        def mask(layer_idx, h):  # h = the input of block layer_idx, (B, L, D)
             return module(layer_idx, h, attention_mask, dtype)
 
         return mask
 
-    # ---- gradient importance (ggsm, hybrid_mask)
-
-    def wants_gradients(self, step):
-        """True while the importance is being learnt (warm-up of ggsm / hybrid_mask)."""
-        return self.importance is not None and step < self.warmup_steps
-
-    def accumulate(self, grad, attention_mask, scale=1.0):
-        """Each micro-step, after backward: grad = dL/dh_k of the user tower at capture_layer, (B, L, D)."""
-        if self.importance is None:
-            raise RuntimeError(f"MaskSchedule({self.strategy!r}).accumulate: this strategy uses no gradients")
-        self.importance.accumulate(grad, attention_mask, scale)
-
-    def end_step(self, step):
-        """After optimizer step `step` on every rank: all-reduce + EMA of the importance; freeze at T_warm - 1."""
-        if self.importance is None:
-            return
-        if step < self.warmup_steps:
-            self.importance.end_step()  # collective: every rank takes this branch at the same step
-            if step == self.warmup_steps - 1:
-                # L_warm is the loss of step T_warm - 1: its gradients are in the importance now
-                self.frozen = self.importance.normalized().clone()
-        else:
-            self.importance._sum = self.importance._count = None  # after warm-up gradients are not used
-
-    # ---- logs and checkpoints
-
-    def mean_future_weight(self, step, L=None):
-        """Mean weight exp(M_ij) over the strict upper triangle j > i of an L x L mask (Figure 1's "Soft
-        Mask Average Weight"); L defaults to the last user batch length. nan when unknown."""
-        L = L or self._last_len
-        s = self.strategy
-        if s == "hybrid_mlp":
-            w = self.module.last_mean_weight
-            return float("nan") if w is None else float(w)
-        if not L or L < 2:
-            return float("nan")
-        n_pairs = L * (L - 1) / 2
-        if s in ("causal", "oracle"):
-            return 0.0
-        if s == "bidirectional":
-            return 1.0
-        if s == "hybrid_gq":
-            return (L - 1) / n_pairs  # row 0 sees its L - 1 future keys
-        if s == "scheduler":
-            if step >= self.total_steps:
-                return 1.0
-            d = min(self.window_delta(step, L), L - 1)
-            return (d * (L - 1) - d * (d - 1) / 2) / n_pairs  # pairs with 0 < j - i <= d
-        w = self.future_weights(step, L).double()  # ggsm, hybrid_mask
-        return float((torch.arange(L, dtype=torch.float64) * w).sum() / n_pairs)  # column j has j future entries
-
     def state_dict(self):
-        """Flat dict of tensors and ints (safetensors / JSON friendly)."""
-        sd = {}
-        if self.importance is not None:
-            imp = self.importance.state_dict()
-            sd["importance"], sd["importance_updates"] = imp["importance"], imp["updates"]
-            if self.frozen is not None:
-                sd["frozen_importance"] = self.frozen.clone()
-        if self.module is not None:
-            for k, v in self.module.state_dict().items():
-                sd["mlp." + k] = v.detach().clone()
-        return sd
+        return {"mlp." + k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state):
-        where = f"MaskSchedule({self.strategy!r}).load_state_dict"
-        expected = []
-        if self.importance is not None:
-            expected += ["importance", "importance_updates"] + (["frozen_importance"] if "frozen_importance" in state else [])
-        if self.module is not None:
-            expected += ["mlp." + k for k in self.module.state_dict()]
-        _check_keys(state, expected, where)
-        if self.importance is not None:
-            self.importance.load_state_dict({"importance": state["importance"], "updates": state["importance_updates"]})
-            fz = state.get("frozen_importance")
-            self.frozen = fz.detach().double().cpu().clone() if fz is not None else (
-                torch.zeros(0, dtype=torch.float64) if self.warmup_steps == 0 else None)
-        if self.module is not None:
-            self.module.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mlp.")})
+        _check_keys(state, list(self.state_dict()), "HybridMLP.load_state_dict")
+        self.module.load_state_dict({k[len("mlp."):]: v for k, v in state.items()})
+
+
+class HybridGQ(Strategy):
+    """App. A.4 Hybrid c: global_query_mask on the user tower, whose template puts <GLOBAL> first; the
+    answers carry no <GLOBAL> token, so the answer tower stays causal."""
+
+    global_token = True
+
+    def phase(self, step):
+        return "global_query"
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        if tower not in ("user", "answer"):
+            raise ValueError(f"HybridGQ.train_mask: tower must be 'user' or 'answer', got {tower!r}")
+        return global_query_mask(attention_mask, dtype) if tower == "user" else causal_mask(attention_mask, dtype)
+
+
+# Table 2's order. The only list of strategies: train.py --mask, ablate.py, probe.py and the tests read it.
+STRATEGIES = {
+    "causal": Causal,
+    "hybrid_mask": HybridMask,
+    "hybrid_mlp": HybridMLP,
+    "hybrid_gq": HybridGQ,
+    "bidirectional": Bidirectional,
+    "scheduler": Scheduler,
+    "ggsm": GGSM,
+}
 
 
 # -----------------------------------------------------------------------------
@@ -625,11 +680,46 @@ def info_nce(user, answer, tau, margin, same_side=True):
     off_diag = ~torch.eye(N, dtype=torch.bool, device=u.device)
 
     def negatives(s):  # (N, N) -> logits with m_ij = 0 terms set to -inf
-        keep = off_diag & (s <= threshold)  # Eq. 8
-        return (s / tau).masked_fill(~keep, float("-inf"))
+        return (s / tau).masked_fill(~_kept_negatives(s, threshold, off_diag), float("-inf"))
 
     terms = [pos[:, None] / tau, negatives(s_ua)]  # Eq. 7 first two terms
     if same_side:
         terms += [negatives(u @ u.T), negatives(a @ a.T)]  # Eq. 7 same-side terms
     logits = torch.cat(terms, dim=1)  # (N, 1 + N) or (N, 1 + 3N); column 0, the positive, is always finite
     return (torch.logsumexp(logits, dim=1) - pos / tau).mean()  # Eq. 6
+
+
+def _kept_negatives(s, threshold, off_diag):
+    """Eq. 8: m_ij = 1 for j != i unless the term's similarity exceeds the positive + margin."""
+    return off_diag & (s <= threshold)
+
+
+def batch_diagnostics(user, answer, margin):
+    """
+    Collapse diagnostics of one batch of positive pairs (N, E) (re-normalised here), as floats:
+        alignment       mean positive cosine s(u_i, a_i)
+        cos_uu, cos_aa  mean off-diagonal user-user and answer-answer cosine (1.0: every row points one way)
+        uniformity      log mean_{i != j} exp(-2 ||u_i - u_j||^2) over the users (Wang & Isola 2020; -4 is the
+                        floor of spread-out unit vectors, 0 a collapsed batch)
+        effective_rank  exp(entropy of the normalised singular values) of the user matrix (Roy & Vetterli
+                        2007): 1 = one direction, N or E at most
+        drop_ua, drop_uu, drop_aa   the fraction of each term's negatives that Eq. 8 drops
+    """
+    with torch.no_grad():
+        u, a = F.normalize(user.double(), dim=-1), F.normalize(answer.double(), dim=-1)
+        N = u.shape[0]
+        off_diag = ~torch.eye(N, dtype=torch.bool, device=u.device)
+        s_ua, s_uu, s_aa = u @ a.T, u @ u.T, a @ a.T
+        pos = s_ua.diagonal()
+        threshold = (pos + margin)[:, None]
+        n_off = int(off_diag.sum())
+        sv = torch.linalg.svdvals(u)
+        p = sv[sv > 0] / sv.sum()
+        out = {"alignment": float(pos.mean()), "effective_rank": float(torch.exp(-(p * p.log()).sum()))}
+        for name, s in (("ua", s_ua), ("uu", s_uu), ("aa", s_aa)):
+            out["drop_" + name] = 1.0 - float(_kept_negatives(s, threshold, off_diag).sum()) / n_off if n_off else float("nan")
+        out["cos_uu"] = float(s_uu[off_diag].mean()) if n_off else float("nan")
+        out["cos_aa"] = float(s_aa[off_diag].mean()) if n_off else float("nan")
+        # ||u_i - u_j||^2 = 2 - 2 cos for unit vectors
+        out["uniformity"] = float(torch.exp(-2 * (2 - 2 * s_uu[off_diag])).mean().log()) if n_off else float("nan")
+    return out

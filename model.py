@@ -237,16 +237,9 @@ class Attention(nn.Module):
     (B, nh, L, L) that is ADDED to the scores before the softmax,
         softmax(Q K^T / sqrt(hd) + mask) V,   row i = query position i, column j = key position j,
     with 0 = attend, torch.finfo(dtype).min = blocked, log(w) = attend with soft weight w in (0, 1].
-    Worked 4x4 example: three tokens then one pad (attention_mask = [1, 1, 1, 0]), future keys at w = 0.5
-    (m = finfo.min, log .5 = -0.693):
-                   key 0    key 1    key 2    key 3 (pad)
-        query 0  [   0,    -0.693,  -0.693,     m   ]
-        query 1  [   0,       0,    -0.693,     m   ]
-        query 2  [   0,       0,       0,       m   ]
-        query 3  [   0,       0,       0,       m   ]   <- padded query: output unused downstream
-    The causal mask puts m where the example has -0.693; the bidirectional mask puts 0 there. Padded keys
-    are always m. Because m is finite (never -inf), a row that is blocked everywhere becomes a uniform
-    softmax instead of 0/0, so padded rows stay finite and never produce NaN.
+    Padded keys are always blocked; because finfo.min is finite (never -inf), a row that is blocked everywhere
+    becomes a uniform softmax instead of 0/0, so padded rows never produce NaN. ggsm.py's docstring works
+    the convention through on a 4x4 example.
     """
 
     def __init__(self, config):
@@ -660,8 +653,9 @@ class UserEncoder(nn.Module):
             raise ValueError(f"UserEncoder: token ids {input_ids[bad].unique().tolist()} are neither in the "
                              f"vocabulary [0, {V}) nor special tokens")
         x = emb(input_ids.clamp(0, V - 1))                  # ids >= V looked up as V-1, replaced just below
-        special = self.special_embeds[hit.long().argmax(-1)].to(x.dtype)  # (B, L, D)
-        x = torch.where(is_special[..., None], special, x)
+        if len(self.special_ids):  # (argmax over zero special tokens is undefined)
+            special = self.special_embeds[hit.long().argmax(-1)].to(x.dtype)  # (B, L, D)
+            x = torch.where(is_special[..., None], special, x)
         vectors, vector_pos = vectors or {}, vector_pos or {}
         if set(vectors) != set(vector_pos):
             raise ValueError(f"UserEncoder: vectors {sorted(vectors)} and vector_pos {sorted(vector_pos)} differ")

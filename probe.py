@@ -8,7 +8,7 @@ ROC-AUC on the probe-test users. Everything after the embedding is NumPy only.
     embeddings ─▶ split_users (hash of user_id) ─▶ standardise (train stats) ─▶ LogisticRegression
                (penalty C by stratified K-fold CV AUC on train users) ─▶ roc_auc on test users ─▶ table
 
-Protocol (the paper leaves the probe unspecified, PAPER.md §8; these are our fixed choices):
+Protocol (the paper leaves the probe unspecified; these are our fixed choices):
 - split: a user is a probe-test user iff sha256(salt + ":" + user_id) maps below test_frac
   (default 0.2). It depends on the id alone, so reordering or subsetting the file changes nothing,
   and a user sits on the same side for every task. Users without a label for a task are ignored.
@@ -33,7 +33,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -407,7 +407,7 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     """Embed users with the frozen encoder, without gradients, in eval mode.
     batches: iterable of data.Side (or data.Batch, whose .user side is used).
     mask_fn(attention_mask, dtype) -> the strategy's inference mask (a tensor or a per-layer callable),
-    e.g. MaskSchedule.inference_mask; None means the encoder's default (causal).
+    e.g. Strategy.inference_mask; None means the encoder's default (causal).
     Returns (N, E) float32, in batch order."""
     dtype = next(encoder.parameters()).dtype
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -434,79 +434,104 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and the command line
+# checkpoints: the run spec, and rebuilding the encoder that train.py trained (train.py imports these too)
 
-# -----------------------------------------------------------------------------
-# checkpoints: rebuilding the encoder that train.py trained (train.py imports these too)
+
+@dataclass
+class RunSpec:
+    """What rebuilds an encoder. train.py writes it into checkpoint/state.json (to_dict); probe.py and a
+    resumed run read it back (from_dict), which names any missing or unexpected field."""
+    base_model: str                  # Hugging Face folder (absolute path)
+    modalities: list                 # the template's block order
+    vector_dims: dict                # modality -> feature width of its `vector` events
+    mask: str = "causal"             # a key of ggsm.STRATEGIES
+    total_steps: int = 1             # the strategy's T_total and T_warm (optimizer steps)
+    warmup_steps: int = 0
+    mask_options: dict = field(default_factory=dict)  # further keyword arguments of the strategy class
+    dtype: str = "float32"           # the base weights' dtype on load
+    lora: dict = None                # {"r", "alpha", "dropout", "targets"}; None: the base stays frozen
+    max_len: int = 256               # user-side token budget
+    answer_max_len: int = 48         # answer-side token budget
+    pooling: str = "token"           # model.UserEncoder pooling
+    projector: list = None           # dims after the hidden size, or None
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, where="spec"):
+        names = [f.name for f in fields(cls)]
+        missing, unexpected = [k for k in names if k not in d], sorted(k for k in d if k not in names)
+        if missing or unexpected:
+            raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unexpected}")
+        if d["mask"] not in ggsm.STRATEGIES:
+            raise ValueError(f"{where}: unknown mask strategy {d['mask']!r}, expected one of {list(ggsm.STRATEGIES)}")
+        return cls(**d)
+
 
 def build_encoder(spec, device="cpu"):
-    """Decoder (+ LoRA) + UserEncoder + MaskSchedule from a run's spec (the `spec` of checkpoint/state.json)."""
-    base = spec["base_model"]
-    decoder = model.Decoder.from_pretrained(base, dtype=getattr(torch, spec["dtype"]), device=device)
+    """Decoder (+ LoRA) + UserEncoder + Template + strategy from a RunSpec."""
+    decoder = model.Decoder.from_pretrained(spec.base_model, dtype=getattr(torch, spec.dtype), device=device)
     cfg = decoder.config
-    template = data.Template(os.path.join(base, "tokenizer.json"), spec["modalities"], spec["vector_dims"],
-                             max_len=spec["max_len"], global_token=spec["global_token"],
-                             max_answer_len=spec["answer_max_len"])
-    if spec.get("lora"):
-        lora = spec["lora"]
+    strategy_cls = ggsm.STRATEGIES[spec.mask]
+    template = data.Template(os.path.join(spec.base_model, "tokenizer.json"), spec.modalities, spec.vector_dims,
+                             max_len=spec.max_len, global_token=strategy_cls.global_token,
+                             max_answer_len=spec.answer_max_len)
+    if spec.lora:
+        lora = spec.lora
         model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
     else:
         decoder.requires_grad_(False)
-    projector = [cfg.hidden_size] + list(spec["projector"]) if spec.get("projector") else None
-    encoder = model.UserEncoder(decoder, template.special_token_ids, spec["vector_dims"],
-                                pooling=spec["pooling"], projector_dims=projector).to(device)
-    m = spec["mask"]
-    schedule = ggsm.MaskSchedule(m["strategy"], m["total_steps"], m["warmup_steps"], capture_layer=m.get("capture_layer"),
-                                 ema=m.get("ema", 0.0), normalize=m.get("normalize", "none"),
-                                 n_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size)
-    if schedule.module is not None:
-        schedule.module.to(device)
-    return encoder, template, schedule
+    projector = [cfg.hidden_size] + list(spec.projector) if spec.projector else None
+    encoder = model.UserEncoder(decoder, template.special_token_ids, spec.vector_dims,
+                                pooling=spec.pooling, projector_dims=projector).to(device)
+    strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
+                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads, **spec.mask_options)
+    if strategy.module is not None:
+        strategy.module.to(device)
+    return encoder, template, strategy
 
 
-def trainable_tensors(encoder, schedule):
-    """Everything a run learned, as (named tensors for safetensors, JSON-able schedule state)."""
+def trainable_tensors(encoder, strategy):
+    """Everything a run learned, once each, as (named tensors for safetensors, JSON-able strategy state)."""
     tensors = {"encoder." + k: v.detach().contiguous() for k, v in encoder.trainable_state_dict().items()}
-    if schedule.module is not None:
-        tensors.update({"mask." + k: v.detach().contiguous() for k, v in schedule.module.state_dict().items()})
     plain = {}
-    for k, v in schedule.state_dict().items():
+    for k, v in strategy.state_dict().items():
         if torch.is_tensor(v):
-            tensors["schedule." + k] = v.detach().contiguous()
+            tensors["strategy." + k] = v.detach().contiguous()
         else:
             plain[k] = v
     return tensors, plain
 
 
-def load_trainable(encoder, schedule, tensors, plain):
-    """Inverse of trainable_tensors. The encoder's and the MLP's loaders are strict (a missing, unexpected or
-    mis-shaped tensor names itself); the schedule's state changes with its phase and checks itself."""
+def load_trainable(encoder, strategy, tensors, plain):
+    """Inverse of trainable_tensors. Both loaders are strict: a missing, unexpected or mis-shaped tensor names itself."""
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    unknown = sorted(k for k in tensors if not k.startswith(("encoder.", "mask.", "schedule.")))
-    if unknown or (schedule.module is None and pick("mask.")):
-        raise ValueError(f"checkpoint tensors do not match the model: unexpected {(unknown or sorted(pick('mask.')))[:5]}")
+    unknown = sorted(k for k in tensors if not k.startswith(("encoder.", "strategy.")))
+    if unknown:
+        raise ValueError(f"checkpoint tensors do not match the model: unexpected {unknown[:5]}")
     encoder.load_trainable_state_dict(pick("encoder."))
-    if schedule.module is not None:
-        schedule.module.load_state_dict(pick("mask."))
-    schedule.load_state_dict({**plain, **pick("schedule.")})
+    strategy.load_state_dict({**plain, **pick("strategy.")})
 
 
 def load_checkpoint(checkpoint_dir, device="cpu"):
+    """-> encoder, template, strategy, state (state.json; its "spec" as a RunSpec)."""
     with open(os.path.join(checkpoint_dir, "state.json")) as f:
         state = json.load(f)
-    encoder, template, schedule = build_encoder(state["spec"], device)
-    load_trainable(encoder, schedule, load_file(os.path.join(checkpoint_dir, "trainable.safetensors"), device=str(device)),
-                   state.get("schedule", {}))
-    return encoder, template, schedule, state
+    state["spec"] = RunSpec.from_dict(state["spec"], where=os.path.join(checkpoint_dir, "state.json"))
+    encoder, template, strategy = build_encoder(state["spec"], device)
+    load_trainable(encoder, strategy, load_file(os.path.join(checkpoint_dir, "trainable.safetensors"), device=str(device)),
+                   state["strategy"])
+    return encoder, template, strategy, state
 
 
-def embed_records(encoder, template, schedule, records, device, batch_size=64):
+def embed_records(encoder, template, strategy, records, device, batch_size=64):
     """Embeddings (N, E) of records in file order, under the strategy's inference mask. Users are batched
     by length (less padding); the result does not depend on the batching (tests/test_probe.py)."""
     ds = data.UserDataset(records, template, with_answer=False)
     order = np.argsort(ds.lengths, kind="stable")
     batches = [data.collate([ds[int(j)] for j in order[i:i + batch_size]]) for i in range(0, len(ds), batch_size)]
-    emb = embed_users(encoder, batches, schedule.inference_mask, device)
+    emb = embed_users(encoder, batches, strategy.inference_mask, device)
     out = np.empty_like(emb)
     out[order] = emb
     return out
@@ -521,7 +546,7 @@ def write_json(path, obj):
 
 
 def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0):
-    """Probe every task, print the Table 2 row, write probe.json (DESIGN.md layout); returns its dict."""
+    """Probe every task, print the Table 2 row, write probe.json (the README's layout); returns its dict."""
     tasks = probe_tasks(embeddings, [r["user_id"] for r in records], [r.get("labels") or {} for r in records], seed=seed)
     result = {"tasks": tasks, "mean_auc": mean_auc(tasks), "mask": name, "checkpoint": checkpoint}
     for t, r in tasks.items():
@@ -533,30 +558,22 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0):
     return result
 
 
-def probe_records(encoder, template, schedule, records, device, name, checkpoint=None, out=None, export=None,
+def probe_records(encoder, template, strategy, records, device, name, checkpoint=None, out=None, export=None,
                   batch_size=64, seed=0):
     """Embed labelled records under the strategy's inference mask, optionally export, probe and report."""
-    emb = embed_records(encoder, template, schedule, records, device, batch_size)
+    emb = embed_records(encoder, template, strategy, records, device, batch_size)
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
     return report_probe(emb, records, name, out, checkpoint, seed)
 
 
-def run(encoder, template, schedule, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
+def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
         batch_size=64, export=None, seed=0):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run)."""
     records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
     if report.n_bad:
         print(report, file=sys.stderr)
-    return probe_records(encoder, template, schedule, records, device, name, checkpoint, out, export, batch_size, seed)
-
-
-def oracle_spec(model_dir, report, max_len):
-    """The untrained base under the causal mask: the paper's Oracle row (adapters and new token rows untrained)."""
-    return {"base_model": os.path.abspath(model_dir), "dtype": "float32", "lora": None,
-            "modalities": report.modalities, "vector_dims": report.vector_dims, "max_len": max_len,
-            "answer_max_len": 64, "global_token": False, "pooling": "token", "projector": None,
-            "mask": {"strategy": "oracle", "total_steps": 1, "warmup_steps": 0}}
+    return probe_records(encoder, template, strategy, records, device, name, checkpoint, out, export, batch_size, seed)
 
 
 def main(argv=None):
@@ -594,14 +611,16 @@ def main(argv=None):
     if args.checkpoint:
         if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
             sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
-        encoder, template, schedule, state = load_checkpoint(args.checkpoint, args.device)
-        name = args.name or state["spec"]["mask"]["strategy"]
+        encoder, template, strategy, state = load_checkpoint(args.checkpoint, args.device)
+        name = args.name or state["spec"].mask
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             sys.exit(f"error: --model {args.model}: no config.json")
-        encoder, template, schedule = build_encoder(oracle_spec(args.model, report, args.max_len), args.device)
+        # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
+        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len)
+        encoder, template, strategy = build_encoder(spec, args.device)
         name = args.name or "oracle"
-    return probe_records(encoder, template, schedule, records, args.device, name, args.checkpoint, args.out,
+    return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
                          args.export, args.batch_size, args.seed)
 
 

@@ -2,13 +2,13 @@
 
     python train.py                                     # embedded default: synthetic users + small decoder, GG-SM, probe
     torchrun --standalone --nproc_per_node=N train.py --model DIR|tiny --data train.jsonl --probe-data probe.jsonl \
-             --mask {causal,bidirectional,scheduler,ggsm,hybrid_mask,hybrid_mlp,hybrid_gq} --steps S --out RUN_DIR
+             --mask NAME --steps S --out RUN_DIR      # NAME: a key of ggsm.STRATEGIES
     python train.py --out RUN_DIR --resume              # continue a stopped run where it left off
 
-One optimizer step:
-    batch (global, split over ranks and micro-steps) -> MaskSchedule.train_mask(step) -> user tower and answer tower
+One optimizer step (train_step):
+    batch (global, split over ranks and micro-steps) -> strategy.train_mask(step) -> user tower and answer tower
     through one shared LoRA backbone -> embeddings gathered across ranks -> InfoNCE (Eq. 6-8) -> backward
-    -> GG-SM importance from the user tower's dL/dh (all-reduced) -> clip -> AdamW -> checkpoint.
+    -> GG-SM importance from the user tower's dL/dh (all-reduced) -> clip -> AdamW; then logs and checkpoint.
 
 `--model tiny` first trains a small decoder with a causal-LM objective on the data's own text (a `tokenizers`
 BPE tokenizer plus a Qwen2-layout decoder saved as config.json + model.safetensors + tokenizer.json), so the
@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ import ggsm
 import model
 import probe
 
-MASKS = ("causal", "bidirectional", "scheduler", "ggsm", "hybrid_mask", "hybrid_mlp", "hybrid_gq")
+COLLAPSE_RANK = 2.0  # effective rank of a batch's user embeddings below which a run warns that it collapses
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -77,11 +78,11 @@ def get_args(argv=None):
     p.add_argument("--tiny-batch", type=int, default=32, help="sequences per causal-LM step")
     p.add_argument("--tiny-lr", type=float, default=3e-3, help="causal-LM peak learning rate")
     # mask strategy
-    p.add_argument("--mask", default="ggsm", choices=MASKS, help="attention-mask strategy (ggsm.MaskSchedule)")
+    p.add_argument("--mask", default="ggsm", choices=list(ggsm.STRATEGIES), help="attention-mask strategy (ggsm.STRATEGIES)")
     p.add_argument("--mask-warmup", type=float, default=0.1, help="GG-SM warm-up T_warm as a fraction of --steps (paper's Fig. 1: ~0.03; official code: 0.1)")
     p.add_argument("--capture-layer", default="last-block", help="'last-block' (input of the last block, default), 'final' (the paper's literal final hidden state) or a block index")
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
-    p.add_argument("--importance-norm", default="none", choices=("none", "max", "mean", "zscore"), help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
+    p.add_argument("--importance-norm", default="none", choices=ggsm.NORMALIZE, help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
     # optimisation
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
@@ -161,7 +162,7 @@ class DualTower(nn.Module):
     def __init__(self, encoder, mask_module):
         super().__init__()
         self.encoder = encoder
-        self.mask_module = mask_module  # hybrid_mlp's per-layer MLPs (trainable), else None
+        self.mask_module = mask_module  # the strategy's trainable module (hybrid_mlp's MLPs), else None
 
     def forward(self, user, answer, user_mask, answer_mask, capture_layer=None):
         out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask,
@@ -173,27 +174,81 @@ class DualTower(nn.Module):
         return u, a, h
 
 
-# -----------------------------------------------------------------------------
-# building the encoder (shared with probe.py, which rebuilds it from the checkpoint's spec)
+def _measured(mask, attention_mask, seen):
+    """The mask unchanged; its mean future weight appended to `seen` (for a per-layer callable, at each call)."""
+    if not callable(mask):
+        seen.append(ggsm.mean_future_weight(mask, attention_mask))
+        return mask
 
-def make_spec(args, model_dir, report, n_layers):
-    """Everything needed to rebuild the encoder, stored in the checkpoint (probe.build_encoder reads it)."""
-    capture = {"last-block": n_layers - 1, "final": n_layers}.get(args.capture_layer)
-    if capture is None:
-        capture = int(args.capture_layer)
-    warmup = int(round(args.mask_warmup * args.steps))
-    projector = None if args.projector == "none" else [int(d) for d in args.projector.split(",")]
-    return {
-        "base_model": os.path.abspath(model_dir), "dtype": args.dtype,
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                 "targets": args.lora_targets.split(",")},
-        "modalities": report.modalities, "vector_dims": report.vector_dims,
-        "max_len": args.max_len, "answer_max_len": args.answer_max_len,
-        "global_token": args.mask == "hybrid_gq",
-        "pooling": args.pooling, "projector": projector,
-        "mask": {"strategy": args.mask, "total_steps": args.steps, "warmup_steps": warmup,
-                 "capture_layer": capture, "ema": args.importance_ema, "normalize": args.importance_norm},
-    }
+    def measured(layer_idx, h):
+        m = mask(layer_idx, h)
+        seen.append(ggsm.mean_future_weight(m, attention_mask))
+        return m
+
+    return measured
+
+
+def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1.0, rank=0, world=1,
+               autocast=nullcontext(), diagnose=None):
+    """
+    One optimizer step over this rank's micro-batches (data.Batch with answers). For each: the strategy's masks
+    for both towers, forward, loss_fn(user, answer) over the batch gathered from every rank (InfoNCE, Eq. 6-8),
+    backward, and the user tower's dL/dh for the gradient importance (Eq. 5). Then clip, optimizer step and
+    strategy.end_step (every rank: it may all-reduce).
+    towers: a DualTower, or DDP around one. Returns {"loss", "grad_norm", "tokens", "future_weight"} (the mean
+    future weight of the user masks as used), plus the mean over micro-steps of diagnose(user, answer) (a dict
+    of floats on the gathered embeddings, e.g. ggsm.batch_diagnostics) when given; on a non-finite loss it
+    returns before the optimizer step.
+    """
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    capture = strategy.capture_layer if strategy.wants_gradients(step) else None
+    loss_sum, tokens, weights, diag = 0.0, 0, [], []
+    for m, batch in enumerate(micro_batches):
+        user_mask = _measured(strategy.train_mask(step, batch.user.attention_mask, torch.float32),
+                              batch.user.attention_mask, weights)
+        answer_mask = strategy.train_mask(step, batch.answer.attention_mask, torch.float32, tower="answer")
+        # no gradient all-reduce on the non-final micro-steps of an accumulation
+        sync = towers.no_sync() if (isinstance(towers, DDP) and m < n - 1) else nullcontext()
+        with sync:
+            with autocast:
+                u, a, h = towers(batch.user, batch.answer, user_mask, answer_mask, capture)
+            # negatives from the global batch (Eq. 7); every rank computes the same global loss
+            ug, ag = gather_keep_grad(u.float(), rank, world), gather_keep_grad(a.float(), rank, world)
+            loss = loss_fn(ug, ag)
+            if diagnose is not None:
+                diag.append(diagnose(ug, ag))
+            # x world: DDP averages gradients over ranks, each holding only its own rows' share of dL
+            (loss * world / n).backward()
+        if h is not None and h.grad is not None:
+            strategy.accumulate(h.grad.float() * n / world, batch.user.attention_mask)  # back to dL/dh of the step's loss
+        loss_sum += loss.item() / n
+        tokens += int(batch.user.attention_mask.sum() + batch.answer.attention_mask.sum())
+    out = {"loss": loss_sum, "grad_norm": float("nan"), "tokens": tokens,
+           "future_weight": float(np.mean(weights)) if weights else float("nan")}
+    out.update({k: float(np.mean([d[k] for d in diag])) for k in (diag[0] if diag else ())})
+    if not math.isfinite(loss_sum):
+        return out
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    strategy.end_step(step)  # GG-SM: all-reduce the importance, EMA, freeze at T_warm - 1
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the run spec (probe.RunSpec: what rebuilds the encoder, stored in the checkpoint)
+
+def make_spec(args, model_dir, report):
+    return probe.RunSpec(
+        base_model=os.path.abspath(model_dir), modalities=report.modalities, vector_dims=report.vector_dims,
+        mask=args.mask, total_steps=args.steps, warmup_steps=int(round(args.mask_warmup * args.steps)),
+        mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm},
+        dtype=args.dtype,
+        lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
+        max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling,
+        projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")])
 
 
 # -----------------------------------------------------------------------------
@@ -325,29 +380,32 @@ def file_digest(path):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_run(argv=None):
+    """The command line. With --resume: the run's own arguments (but for the few a resume may change) and its
+    checkpoint's state.json (with "path", and "spec" as a probe.RunSpec); else (args, None)."""
     args = get_args(argv)
-    ddp, rank, world, device = setup_dist()
-    master = rank == 0
+    if not args.resume:
+        return args, None
+    ckpt = find_checkpoint(args.out)
+    if ckpt is None:
+        sys.exit(f"error: --resume: no checkpoint in {args.out}")
+    with open(os.path.join(args.out, "args.json")) as f:
+        saved = json.load(f)
+    saved.update(resume=True, halt_after=args.halt_after, no_probe=args.no_probe, out=args.out)
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    state["path"] = ckpt
+    try:
+        state["spec"] = probe.RunSpec.from_dict(state["spec"], where=os.path.join(ckpt, "state.json"))
+    except ValueError as e:
+        sys.exit(f"error: --resume: {e}")
+    return argparse.Namespace(**saved), state
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
 
-    run_dir = args.out
-    if args.resume:  # the run's own arguments win, except where a resume needs to differ
-        ckpt = find_checkpoint(run_dir)
-        if ckpt is None:
-            sys.exit(f"error: --resume: no checkpoint in {run_dir}")
-        with open(os.path.join(run_dir, "args.json")) as f:
-            saved = json.load(f)
-        saved.update(resume=True, halt_after=args.halt_after, no_probe=args.no_probe, out=run_dir)
-        args = argparse.Namespace(**saved)
-
-    # ---- validate the arguments before any work
+def check_args(args, world):
+    """Fail on bad arguments before any work; -> micro-steps per optimizer step."""
     if args.batch_size % (args.micro_batch * world):
         sys.exit(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x world size {world}")
-    accum = args.batch_size // (args.micro_batch * world)
     if args.capture_layer not in ("last-block", "final") and not args.capture_layer.isdigit():
         sys.exit(f"error: --capture-layer {args.capture_layer}: expected 'last-block', 'final' or a block index")
     if args.model != "tiny":
@@ -357,8 +415,12 @@ def main(argv=None):
     for flag, path in (("--data", args.data), ("--probe-data", args.probe_data)):
         if path is not None and not os.path.isfile(path):
             sys.exit(f"error: {flag} {path}: no such file")
+    return args.batch_size // (args.micro_batch * world)
 
-    # ---- data: the embedded benchmark is written once by rank 0 into the cache
+
+def prepare_data(args, ddp, master, log):
+    """-> (training records, their LoadReport, train path, probe path). The embedded benchmark is written once
+    by rank 0 into the cache."""
     train_path, probe_path = args.data, args.probe_data
     if train_path is None:
         syn_dir = os.path.join(args.cache, f"synthetic-{args.synthetic_train}-{args.synthetic_probe}-seed{args.seed}")
@@ -375,139 +437,147 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if report.n_bad:
         log(str(report))
+    return records, report, train_path, probe_path
 
-    # ---- model: a real checkpoint folder, or the small decoder built (once) from the training data
-    model_dir = args.model
-    if model_dir == "tiny":
-        # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
-        recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed]
-        recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
-        model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
-        if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-            log(f"building the small decoder in {model_dir} (causal-LM objective on {train_path})")
-            build_tiny_decoder(args, records, report, model_dir, device, log)
-        if ddp:
-            dist.barrier()
 
-    cfg = model.ModelConfig.from_hf_config(os.path.join(model_dir, "config.json"))
-    spec = make_spec(args, model_dir, report, cfg.num_hidden_layers)
-    if args.resume:
-        with open(os.path.join(ckpt, "state.json")) as f:
-            state = json.load(f)
-        spec = state["spec"]
+def prepare_model(args, records, report, train_path, ddp, master, device, log):
+    """-> the base model folder: --model, or the small decoder built (once, by rank 0) from the training data."""
+    if args.model != "tiny":
+        return args.model
+    # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
+    recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed]
+    recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
+    model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
+    if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        log(f"building the small decoder in {model_dir} (causal-LM objective on {train_path})")
+        build_tiny_decoder(args, records, report, model_dir, device, log)
+    if ddp:
+        dist.barrier()
+    return model_dir
+
+
+def restore(state, towers, strategy, opt, named, rank, world, device):
+    """Load a checkpoint's trainable tensors, strategy state, optimizer state and this rank's RNG; -> its step."""
+    ckpt = state["path"]
+    probe.load_trainable(towers.encoder, strategy, load_file(os.path.join(ckpt, "trainable.safetensors"), device=str(device)),
+                         state["strategy"])
+    load_optimizer_tensors(opt, named, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(device)))
+    rng = state["rng"].get(str(rank))
+    if rng is not None and len(state["rng"]) == world:
+        torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
+    else:  # another world size: a fresh, reproducible stream
+        torch.manual_seed(state["args"]["seed"] + 1000 * rank + state["step"])
+    return state["step"]
+
+
+def write_checkpoint(args, step, spec, towers, strategy, opt, named, n_users, world, master):
+    """Every rank joins (the RNG gather and the replica check are collectives); rank 0 writes."""
+    tensors, plain = probe.trainable_tensors(towers.encoder, strategy)
+    rng = torch.get_rng_state()
+    rngs = [torch.empty_like(rng) for _ in range(world)] if world > 1 else [rng]
+    if world > 1:
+        dist.all_gather(rngs, rng)
+    per_epoch = n_users // args.batch_size
+    meta = {"step": step, "spec": spec.to_dict(), "args": vars(args), "world_size": world, "strategy": plain,
+            "replica_max_diff": replica_max_diff(list(tensors.values())) if world > 1 else 0.0,
+            "rng": {str(r): t.tolist() for r, t in enumerate(rngs)},
+            "data_position": {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}}
+    if master:
+        save_checkpoint(args.out, tensors, optimizer_tensors(opt, named), meta)
+
+
+def start_metrics(path, start):
+    """A fresh run starts a new log; a resumed one keeps what was logged before its checkpoint's step."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] < start]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def log_step(args, step, out, lr, strategy, meter, world, log):
+    """The progress bar on a terminal, and every --log-every steps a metrics.jsonl line and a log line."""
+    done = step + 1
+    meter["tokens"] += out["tokens"]
+    if sys.stderr.isatty():  # the log lines go to stdout
+        bar = "#" * (30 * done // args.steps)
+        print(f"\r[{bar:<30}] {done}/{args.steps} loss {out['loss']:.4f}\033[K", end="", file=sys.stderr, flush=True)
+    if step % args.log_every and done != args.steps:
+        return
+    dt = time.time() - meter["t"]
+    rec = {"step": step, "lr": lr, "phase": strategy.phase(step), "tokens_per_s": meter["tokens"] * world / max(dt, 1e-9)}
+    rec.update((k, v) for k, v in out.items() if k != "tokens")
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    log(f"step {step:5d}/{args.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
+        f"w_future {rec['future_weight']:.4f} ({rec['phase']}) | align {rec['alignment']:.2f} "
+        f"cos_uu {rec['cos_uu']:.2f} erank {rec['effective_rank']:.1f} | {rec['tokens_per_s']:.0f} tok/s")
+    if rec["effective_rank"] < COLLAPSE_RANK:
+        print(f"warning: step {step}: the user embeddings are collapsing: effective rank {rec['effective_rank']:.2f} "
+              f"(< {COLLAPSE_RANK}), mean user-user cosine {rec['cos_uu']:.3f}; a collapsed batch gives loss "
+              f"ln N = {math.log(args.batch_size):.3f} (or ln(3N - 2) = {math.log(3 * args.batch_size - 2):.3f} with "
+              "same-side negatives); see metrics.jsonl", file=sys.stderr, flush=True)
+    meter.update(t=time.time(), tokens=0)
+
+
+def main(argv=None):
+    args, resume = parse_run(argv)
+    ddp, rank, world, device = setup_dist()
+    master = rank == 0
+    log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
+    accum = check_args(args, world)
+    records, report, train_path, probe_path = prepare_data(args, ddp, master, log)
+    model_dir = prepare_model(args, records, report, train_path, ddp, master, device, log)
+    spec = resume["spec"] if resume else make_spec(args, model_dir, report)
+
     torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank
-    encoder, template, schedule = probe.build_encoder(spec, device)
+    encoder, template, strategy = probe.build_encoder(spec, device)
     encoder.decoder.gradient_checkpointing = args.grad_ckpt
     train_set = data.UserDataset(records, template)
     n_users = len(train_set)
     if n_users < args.batch_size:
         sys.exit(f"error: {train_path}: {n_users} users, fewer than one global batch of {args.batch_size}")
-
-    # ---- LoRA froze the base inside build_encoder; only now wrap in DDP (DDP registers trainable params only)
-    tower = DualTower(encoder, schedule.module).to(device).train()  # from_pretrained returns eval mode
-    named = [(n, p) for n, p in tower.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        tower_state = load_file(os.path.join(ckpt, "trainable.safetensors"), device=str(device))
-        probe.load_trainable(tower.encoder, schedule, tower_state, state["schedule"])
-        load_optimizer_tensors(opt, named, load_file(os.path.join(ckpt, "optimizer.safetensors"), device=str(device)))
-        start = state["step"]
-        rng = state.get("rng", {}).get(str(rank))
-        if rng is not None and len(state["rng"]) == world:
-            torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
-        else:
-            torch.manual_seed(args.seed + 1000 * rank + start)
-        log(f"resumed from {ckpt} at step {start}")
+    # LoRA froze the base inside build_encoder; only now wrap in DDP (DDP registers trainable params only)
+    towers = DualTower(encoder, strategy.module).to(device).train()  # from_pretrained returns eval mode
+    named = [(n, p) for n, p in towers.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
+    if resume:
+        start = restore(resume, towers, strategy, opt, named, rank, world, device)
+        log(f"resumed from {resume['path']} at step {start}")
     else:
+        start = 0
         torch.manual_seed(args.seed + 1000 * rank)  # per-rank dropout noise; the data order is shared
-    model_ddp = DDP(tower, device_ids=[device.index] if device.type == "cuda" else None) if ddp else tower
+    model_ddp = DDP(towers, device_ids=[device.index] if device.type == "cuda" else None) if ddp else towers
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    loss_fn = partial(ggsm.info_nce, tau=args.tau, margin=args.margin, same_side=not args.no_same_side)
 
     if master:
-        os.makedirs(run_dir, exist_ok=True)
-        probe.write_json(os.path.join(run_dir, "args.json"), vars(args))
-        n_train = sum(p.numel() for p in params)
+        os.makedirs(args.out, exist_ok=True)
+        probe.write_json(os.path.join(args.out, "args.json"), vars(args))
+        start_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        n_train = sum(p.numel() for _, p in named)
         log(f"torch {torch.__version__} | device {device} x{world} | model {model_dir} | {n_users} users | "
             f"mask {args.mask} | steps {args.steps} | batch {args.batch_size} = {args.micro_batch} x {accum} accum x {world} ranks | "
             f"trainable {n_train / 1e6:.2f}M")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if master and os.path.exists(metrics_path):
-        # a fresh run starts a new log; a resumed one drops what was logged after its checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if args.resume and json.loads(line)["step"] < start]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
-    def checkpoint_meta(step, tensors, sched):
-        rng = torch.get_rng_state()
-        rngs = [torch.empty_like(rng) for _ in range(world)] if ddp else [rng]
-        if ddp:
-            dist.all_gather(rngs, rng)
-        return {"step": step, "spec": spec, "args": vars(args), "world_size": world, "schedule": sched,
-                "replica_max_diff": replica_max_diff(list(tensors.values())) if ddp else 0.0,
-                "rng": {str(r): t.tolist() for r, t in enumerate(rngs)},
-                "data_position": {"epoch": step // (n_users // args.batch_size),
-                                  "batch_in_epoch": step % (n_users // args.batch_size)}}
-
-    def write_checkpoint(step):
-        tensors, sched = probe.trainable_tensors(tower.encoder, schedule)
-        meta = checkpoint_meta(step, tensors, sched)  # every rank joins the RNG gather and the replica check
-        if master:
-            save_checkpoint(run_dir, tensors, optimizer_tensors(opt, named), meta)
-
-    t_last, tokens = time.time(), 0
+    meter = {"t": time.time(), "tokens": 0}
     for step in range(start, args.steps):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = 0.0
-        # GG-SM / hybrid_mask warm-up: the user tower's dL/dh at this block feeds the next step's mask (Eq. 5)
-        capture = schedule.capture_layer if schedule.wants_gradients(step) else None
-        for m in range(accum):
-            idx = micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, m, args.seed)
-            batch = data.collate([train_set[i] for i in idx]).to(device)
-            user_mask = schedule.train_mask(step, batch.user.attention_mask, torch.float32)
-            answer_mask = schedule.train_mask(step, batch.answer.attention_mask, torch.float32, tower="answer")
-            # no gradient all-reduce on the non-final micro-steps of an accumulation
-            sync = model_ddp.no_sync() if (ddp and m < accum - 1) else nullcontext()
-            with sync:
-                with autocast:
-                    u, a, h = model_ddp(batch.user, batch.answer, user_mask, answer_mask, capture)
-                # negatives from the global batch (Eq. 7); every rank computes the same global loss
-                ug, ag = gather_keep_grad(u.float(), rank, world), gather_keep_grad(a.float(), rank, world)
-                loss = ggsm.info_nce(ug, ag, args.tau, args.margin, same_side=not args.no_same_side)
-                # x world: DDP averages gradients over ranks, each holding only its own rows' share of dL
-                (loss * world / accum).backward()
-            if h is not None and h.grad is not None:
-                schedule.accumulate(h.grad.float() * accum / world, batch.user.attention_mask)  # back to dL/dh
-            loss_sum += loss.item() / accum
-            tokens += int(batch.user.attention_mask.sum() + batch.answer.attention_mask.sum())
-        if not math.isfinite(loss_sum):
-            log(f"error: non-finite loss {loss_sum} at step {step}; stopping. The last good checkpoint in {run_dir} is kept.")
+        batches = [data.collate([train_set[i] for i in micro_indices(n_users, step, args.batch_size, args.micro_batch,
+                                                                     world, rank, m, args.seed)]).to(device)
+                   for m in range(accum)]
+        out = train_step(model_ddp, strategy, opt, batches, step, loss_fn, args.clip, rank, world, autocast,
+                         diagnose=partial(ggsm.batch_diagnostics, margin=args.margin))
+        if not math.isfinite(out["loss"]):
+            log(f"error: non-finite loss {out['loss']} at step {step}; stopping. The last good checkpoint in {args.out} is kept.")
             shutdown(ddp)
             sys.exit(2)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip if args.clip > 0 else float("inf")).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        schedule.end_step(step)  # GG-SM: all-reduce the importance, EMA, freeze at T_warm - 1
+        if master:
+            log_step(args, step, out, lr, strategy, meter, world, log)
         done = step + 1
-        if master and sys.stderr.isatty():  # a live progress bar on a terminal (the log lines go to stdout)
-            bar = "#" * (30 * done // args.steps)
-            print(f"\r[{bar:<30}] {done}/{args.steps} loss {loss_sum:.4f}\033[K", end="", file=sys.stderr, flush=True)
-        if master and (step % args.log_every == 0 or done == args.steps):
-            dt = time.time() - t_last
-            rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                   "future_weight": schedule.mean_future_weight(step), "phase": schedule.phase(step),
-                   "tokens_per_s": tokens * world / max(dt, 1e-9)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            log(f"step {step:5d}/{args.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-                f"w_future {rec['future_weight']:.4f} ({rec['phase']}) | {rec['tokens_per_s']:.0f} tok/s")
-            t_last, tokens = time.time(), 0
         if done % args.ckpt_every == 0 or done == args.steps or done == args.halt_after:
-            write_checkpoint(done)
+            write_checkpoint(args, done, spec, towers, strategy, opt, named, n_users, world, master)
         if done == args.halt_after:
             log(f"halting after step {done} (--halt-after)")
             shutdown(ddp)
@@ -515,12 +585,11 @@ def main(argv=None):
 
     if args.steps == start:
         log(f"nothing to do: the checkpoint is already at step {start}")
-    # ---- probe the trained encoder under the strategy's inference mask (rank 0)
-    result = None
+    result = None  # the trained encoder under the strategy's inference mask, probed by rank 0
     if master and not args.no_probe and probe_path:
-        result = probe.run(tower.encoder, template, schedule, probe_path, device,
-                           name=args.mask, checkpoint=os.path.join(run_dir, "checkpoint"),
-                           out=os.path.join(run_dir, "probe.json"), skip_bad=args.skip_bad)
+        result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
+                           checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
+                           skip_bad=args.skip_bad)
     shutdown(ddp)
     return result
 

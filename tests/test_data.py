@@ -320,24 +320,6 @@ def test_dataloader_with_distributed_sampler(tok):
     assert sorted(seen) == list(range(10))
 
 
-def test_length_bucket_sampler():
-    lengths = np.random.default_rng(0).integers(10, 200, size=103)
-    s = data.LengthBucketSampler(lengths, batch_size=8, seed=1, pool=4)
-    batches = list(s)
-    assert batches == list(data.LengthBucketSampler(lengths, batch_size=8, seed=1, pool=4))  # deterministic
-    assert batches != list(data.LengthBucketSampler(lengths, batch_size=8, seed=2, pool=4))
-    s.set_epoch(1)
-    assert list(s) != batches
-    assert sorted(i for b in batches for i in b) == list(range(103)) and len(s) == len(batches)
-    pad = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
-    rand = [np.random.default_rng(1).permutation(103)[i:i + 8] for i in range(0, 103, 8)]
-    assert pad < 0.5 * sum(len(b) * lengths[b].max() - lengths[b].sum() for b in rand)  # less padding
-    shards = [list(data.LengthBucketSampler(lengths, 8, seed=1, pool=4, num_replicas=3, rank=r)) for r in range(3)]
-    assert len({len(x) for x in shards}) == 1  # equal step counts across ranks
-    flat = [i for x in shards for b in x for i in b]
-    assert len(flat) == len(set(flat))  # disjoint
-
-
 # -----------------------------------------------------------------------------
 # synthetic benchmark
 

@@ -6,6 +6,7 @@ round trips, cross-rank agreement under gloo, and the masked InfoNCE against a n
     python -m pytest -q tests/test_ggsm.py
 """
 
+import functools
 import json
 import math
 import os
@@ -16,7 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+import data
 import ggsm
+import train
 
 X = "X"  # blocked (finfo.min) in the hand-written matrices; numbers are attention weights w = exp(M_ij)
 AM = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # one full row, one with 2 pads on the right
@@ -130,7 +133,7 @@ G2 = grad_with_norms([[0.0, LN9, LN4, LN3, LN9], [0.0, LN9, LN4, 1e6, 1e6]])  # 
 
 def run_ggsm_warmup(strategy, total=10, warm=4):
     """Steps 0..warm-1 with G1 at every step but the last, which sees G2 (the one that gets frozen)."""
-    s = ggsm.MaskSchedule(strategy, total_steps=total, warmup_steps=warm, n_layers=2)
+    s = ggsm.STRATEGIES[strategy](total_steps=total, warmup_steps=warm, n_layers=2)
     masks = {}
     for t in range(warm):
         masks[t] = s.train_mask(t, AM, torch.float32)
@@ -178,12 +181,10 @@ def test_bad_inputs_raise_clear_errors():
         ggsm.soft_future_mask(AM, torch.ones(4), torch.float32)
     with pytest.raises(ValueError, match="window_mask"):
         ggsm.window_mask(AM, -1)
-    with pytest.raises(ValueError, match="unknown strategy"):
-        ggsm.MaskSchedule("prefix", 10, 2)
     with pytest.raises(ValueError, match="warmup_steps"):
-        ggsm.MaskSchedule("ggsm", 10, 10, n_layers=2)
+        ggsm.STRATEGIES["ggsm"](10, 10, n_layers=2)
     with pytest.raises(ValueError, match="n_layers"):
-        ggsm.MaskSchedule("ggsm", 10, 2)
+        ggsm.STRATEGIES["ggsm"](10, 2)
     with pytest.raises(ValueError, match="info_nce"):
         ggsm.info_nce(torch.randn(3, 4), torch.randn(4, 4), 0.05, 0.1)
     imp = ggsm.GradientImportance()
@@ -198,9 +199,27 @@ def test_bad_inputs_raise_clear_errors():
 # every strategy at t = 0, last warm-up step, mid-ramp, after T_total, and at inference
 
 
-def test_causal_oracle_bidirectional_schedules():
-    for strategy, rows in (("causal", CAUSAL), ("oracle", CAUSAL), ("bidirectional", BIDIR)):
-        s = ggsm.MaskSchedule(strategy, total_steps=10, warmup_steps=4)
+def future_weight(s, t, am=torch.ones(1, 5, dtype=torch.long)):
+    """The logged mean future weight of strategy s's user mask at step t (tensor masks only)."""
+    return ggsm.mean_future_weight(s.train_mask(t, am), am)
+
+
+def test_mean_future_weight_by_hand():
+    # the GGSM_MID mask on AM: row 0 has 10 future pairs with weights .95 .9 .875 .95 (x 1, 2, 3, 4 pairs),
+    # row 1 (3 tokens) has 3 real future pairs: .95, .9, .9; padded keys and padded queries do not count
+    m = ggsm.soft_future_mask(AM, torch.tensor([0.3, 0.95, 0.9, 0.875, 0.95]))
+    by_hand = (1 * .95 + 2 * .9 + 3 * .875 + 4 * .95 + .95 + .9 + .9) / 13
+    assert ggsm.mean_future_weight(m, AM) == pytest.approx(by_hand, rel=1e-6)
+    assert ggsm.mean_future_weight(ggsm.causal_mask(AM), AM) == 0.0
+    assert ggsm.mean_future_weight(ggsm.bidirectional_mask(AM, torch.bfloat16), AM) == 1.0
+    heads = torch.cat([ggsm.causal_mask(AM), ggsm.bidirectional_mask(AM)], dim=1)  # (2, 2, 5, 5): heads averaged
+    assert ggsm.mean_future_weight(heads, AM) == pytest.approx(0.5)
+    assert math.isnan(ggsm.mean_future_weight(ggsm.causal_mask(AM[:, :1]), AM[:, :1]))  # no pair j > i
+
+
+def test_causal_bidirectional_strategies():
+    for strategy, rows in (("causal", CAUSAL), ("bidirectional", BIDIR)):
+        s = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=4)
         for t in (0, 3, 7, 10, 25):
             assert_batch(s.train_mask(t, AM), rows, f"{strategy} t={t}")
             assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"{strategy} answer t={t}")
@@ -208,21 +227,16 @@ def test_causal_oracle_bidirectional_schedules():
         assert s.capture_layer is None and s.module is None and not s.wants_gradients(0)
 
 
-def test_scheduler_linear_and_cosine():
-    s = ggsm.MaskSchedule("scheduler", total_steps=10, warmup_steps=4)
+def test_scheduler():
+    s = ggsm.STRATEGIES["scheduler"](total_steps=10, warmup_steps=4)
     # delta(t) = floor(5 t / 10): t=0 -> 0, t=3 -> 1, t=7 -> 3
     for t, rows in ((0, CAUSAL), (3, WINDOW1), (7, WINDOW3), (10, BIDIR), (11, BIDIR)):
         assert_batch(s.train_mask(t, AM), rows, f"scheduler t={t}")
         assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"scheduler answer t={t}")
     assert_batch(s.inference_mask(AM), BIDIR, "scheduler inference")
     assert [s.window_delta(t, 5) for t in range(11)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
-    assert s.mean_future_weight(0, 5) == 0.0 and s.mean_future_weight(10, 5) == 1.0
-    assert s.mean_future_weight(3, 5) == pytest.approx(4 / 10)  # 4 of the 10 future pairs are 1 apart
-    c = ggsm.MaskSchedule("scheduler", total_steps=10, window_schedule="cosine")
-    # delta = floor(5 (1 - cos(pi t / 10)) / 2): t=3 -> 1.03, t=5 -> 2.5, t=7 -> 3.97
-    assert [c.window_delta(t, 5) for t in (0, 3, 5, 7, 10)] == [0, 1, 2, 3, 5]
-    assert [c.window_delta(t, 4) for t in (0, 5, 10)] == [0, 2, 4]  # exact integer at the midpoint
-    assert_batch(c.train_mask(7, AM), WINDOW3, "cosine scheduler t=7")
+    assert future_weight(s, 0) == 0.0 and future_weight(s, 10) == 1.0
+    assert future_weight(s, 3) == pytest.approx(4 / 10)  # 4 of the 10 future pairs are 1 apart
 
 
 def test_ggsm_schedule_hand_written():
@@ -246,9 +260,9 @@ def test_ggsm_schedule_hand_written():
     w = s.future_weights(4, 7)
     assert torch.allclose(w[5:], torch.full((2,), fallback)), w
     # logs: Figure 1's average future weight, mean over the 10 pairs j > i of w_j (column j has j pairs)
-    fresh = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
-    assert fresh.mean_future_weight(0, 5) == pytest.approx(0.5)  # the logged value reflects the current state
-    assert s.mean_future_weight(7, 5) == pytest.approx((1 * .95 + 2 * .9 + 3 * .875 + 4 * .95) / 10)
+    fresh = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=4, n_layers=2)
+    assert future_weight(fresh, 0) == pytest.approx(0.5)  # the logged value is the mask's own
+    assert future_weight(s, 7) == pytest.approx((1 * .95 + 2 * .9 + 3 * .875 + 4 * .95) / 10)
 
 
 def test_hybrid_mask_schedule():
@@ -262,18 +276,18 @@ def test_hybrid_mask_schedule():
 
 
 def test_hybrid_gq_schedule():
-    s = ggsm.MaskSchedule("hybrid_gq", total_steps=10, warmup_steps=4)
+    s = ggsm.STRATEGIES["hybrid_gq"](total_steps=10, warmup_steps=4)
     for t in (0, 3, 7, 10):
         assert_batch(s.train_mask(t, AM), GQ, f"hybrid_gq t={t}")
         assert_batch(s.train_mask(t, AM, tower="answer"), CAUSAL, f"hybrid_gq answer t={t}", CAUSAL_PADDED)
     assert_batch(s.inference_mask(AM), GQ, "hybrid_gq inference")
     assert_batch(s.inference_mask(AM, tower="answer"), CAUSAL, "hybrid_gq answer inference", CAUSAL_PADDED)
-    assert s.mean_future_weight(0, 5) == pytest.approx(4 / 10)
+    assert future_weight(s, 0) == pytest.approx(4 / 10)
 
 
 def test_hybrid_mlp_schedule_starts_nearly_causal_and_learns():
     torch.manual_seed(0)
-    s = ggsm.MaskSchedule("hybrid_mlp", total_steps=10, warmup_steps=4, n_layers=2, hidden_size=8)
+    s = ggsm.STRATEGIES["hybrid_mlp"](total_steps=10, warmup_steps=4, n_layers=2, hidden_size=8)
     assert isinstance(s.module, ggsm.HybridMLPBias)
     h = torch.randn(2, 5, 8)
     for t in (0, 3, 7, 10):
@@ -281,7 +295,7 @@ def test_hybrid_mlp_schedule_starts_nearly_causal_and_learns():
         assert callable(mask)
         for layer in (0, 1):
             assert_batch(mask(layer, h), MLP_INIT, f"hybrid_mlp t={t} layer {layer}")
-    assert s.mean_future_weight(0) == pytest.approx(0.02)
+    assert ggsm.mean_future_weight(s.train_mask(0, AM)(0, h), AM) == pytest.approx(0.02)
     assert_batch(s.inference_mask(AM, torch.bfloat16)(1, h.bfloat16()), MLP_INIT, "hybrid_mlp bf16", dtype=torch.bfloat16)
     # the bias is a function of h_i: after a few optimizer steps pushing row 0's future weight up and
     # row 3's down, the two rows differ, and the mask stays in the (0, 1) weight range
@@ -308,20 +322,20 @@ def test_ggsm_ramp_endpoints_exact():
     alpha = (12 - 3) / (13 - 3)
     assert torch.allclose(s.future_weights(12, 5), (1 - alpha) * w_frozen + alpha, atol=0, rtol=1e-7)
     assert torch.equal(s.train_mask(13, AM), ggsm.bidirectional_mask(AM))  # t = T_total: exactly bidirectional
-    weights = [s.mean_future_weight(t, 5) for t in range(3, 14)]
+    weights = [future_weight(s, t) for t in range(3, 14)]
     assert all(b > a for a, b in zip(weights, weights[1:])) and weights[-1] == 1.0
 
 
 def test_ggsm_without_warmup_never_takes_log_zero():
     # official code: frozen buffer empty -> log(alpha), a ValueError at alpha = 0; here w starts at sigma(0)
-    s = ggsm.MaskSchedule("ggsm", total_steps=4, warmup_steps=0, n_layers=2)
+    s = ggsm.STRATEGIES["ggsm"](total_steps=4, warmup_steps=0, n_layers=2)
     assert s.phase(0) == "ramp" and not s.wants_gradients(0)
     assert_batch(s.train_mask(0, AM), GGSM_HALF, "ggsm T_warm=0 t=0")
     assert torch.isfinite(s.train_mask(0, AM, torch.float16)).all()
 
 
 def test_forgotten_end_step_is_an_error():
-    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=2, n_layers=2)
+    s = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=2, n_layers=2)
     with pytest.raises(RuntimeError, match="end_step"):
         s.train_mask(5, AM)
 
@@ -352,10 +366,10 @@ def test_importance_equals_sigmoid_of_per_column_norms():
     assert imp.updates == 1 and imp._sum is None
 
 
-def test_importance_scale_ema_and_normalisation():
+def test_importance_ema_and_normalisation():
     am = torch.ones(1, 3, dtype=torch.long)
     imp = ggsm.GradientImportance(ema=0.75)
-    imp.accumulate(grad_with_norms([[1.0, 2.0, 4.0]]), am, scale=2.0)  # scale undoes loss / grad_accum
+    imp.accumulate(grad_with_norms([[2.0, 4.0, 8.0]]), am)
     imp.end_step()
     assert torch.allclose(imp.importance, torch.tensor([2.0, 4.0, 8.0], dtype=torch.float64))  # first sighting
     imp.accumulate(grad_with_norms([[0.0, 0.0, 0.0, 4.0]]), torch.ones(1, 4, dtype=torch.long))
@@ -390,30 +404,30 @@ def _roundtrip(sd, tmp_path, name):
 def test_state_dict_round_trip(tmp_path):
     for strategy in ("ggsm", "hybrid_mask"):
         s, _ = run_ggsm_warmup(strategy)
-        fresh = ggsm.MaskSchedule(strategy, total_steps=10, warmup_steps=4, n_layers=2)
+        fresh = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=4, n_layers=2)
         fresh.load_state_dict(_roundtrip(s.state_dict(), tmp_path, strategy))
         for t in (4, 7, 9):
             assert torch.equal(fresh.train_mask(t, AM), s.train_mask(t, AM)), (strategy, t)
         assert torch.equal(fresh.inference_mask(AM), s.inference_mask(AM))
     # mid-warm-up checkpoint: no frozen weights yet, the importance carries on
-    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
+    s = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=4, n_layers=2)
     s.accumulate(G1, AM); s.end_step(0)
-    fresh = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=4, n_layers=2)
+    fresh = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=4, n_layers=2)
     fresh.load_state_dict(_roundtrip(s.state_dict(), tmp_path, "mid"))
     assert "frozen_importance" not in s.state_dict() and fresh.importance.updates == 1
     assert_batch(fresh.train_mask(1, AM), GGSM_WARM, "ggsm after resume t=1")
     # hybrid_mlp: the MLP weights travel with the schedule
     torch.manual_seed(1)
-    m = ggsm.MaskSchedule("hybrid_mlp", 10, 0, n_layers=2, hidden_size=8)
+    m = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8)
     for p in m.module.parameters():
         p.data.normal_()
-    fresh = ggsm.MaskSchedule("hybrid_mlp", 10, 0, n_layers=2, hidden_size=8)
+    fresh = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8)
     fresh.load_state_dict(_roundtrip(m.state_dict(), tmp_path, "mlp"))
     h = torch.randn(2, 5, 8)
     assert torch.equal(fresh.train_mask(0, AM)(1, h), m.train_mask(0, AM)(1, h))
     with pytest.raises(KeyError, match="missing keys"):
         fresh.load_state_dict({})
-    assert ggsm.MaskSchedule("causal", 10).state_dict() == {}
+    assert ggsm.STRATEGIES["causal"](10).state_dict() == {}
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +438,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(100 + rank)  # different gradients on each rank
-        s = ggsm.MaskSchedule("ggsm", total_steps=8, warmup_steps=3, n_layers=2)
+        s = ggsm.STRATEGIES["ggsm"](total_steps=8, warmup_steps=3, n_layers=2)
         L = 6 if rank == 0 else 4  # and different lengths
         am = torch.ones(2, L, dtype=torch.long)
         am[1, L - 2:] = 0
@@ -540,7 +554,7 @@ def tiny_encoder(pooling, dtype=torch.float32, seed=0):
 
 
 def importance_after_one_step(enc, strategy_layer, ids, am, pool, answers):
-    s = ggsm.MaskSchedule("ggsm", total_steps=10, warmup_steps=2, n_layers=2, capture_layer=strategy_layer)
+    s = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=2, n_layers=2, capture_layer=strategy_layer)
     u, h = enc(ids, am, pool, mask=s.train_mask(0, am), return_layer=s.capture_layer)
     h.retain_grad()
     ggsm.info_nce(u, answers, 0.05, 0.1).backward()
@@ -560,7 +574,7 @@ def test_capture_layer_default_varies_literal_final_layer_is_degenerate():
     for pooling in ("mean", "token"):
         enc, cfg = tiny_encoder(pooling)
         # default: the input of the last block; the importance differs from position to position
-        imp, _ = importance_after_one_step(enc, None, ids, full, pool, answers)
+        imp, _ = importance_after_one_step(enc, "last-block", ids, full, pool, answers)
         assert imp.numel() == 7 and (imp > 0).all() and imp.std() / imp.mean() > 0.05, (pooling, imp)
         # literal (the paper's "Last Hidden"): the final normed output
         imp, per_row = importance_after_one_step(enc, cfg.num_hidden_layers, ids, full, pool, answers)
@@ -571,6 +585,21 @@ def test_capture_layer_default_varies_literal_final_layer_is_degenerate():
             assert (imp[:6] == 0).all() and imp[6] > 0, imp
             w = ggsm.GradientImportance(); w.importance = imp
             assert (w.weights(7)[:6] == 0.5).all()  # the mask would be sigma(0) = 0.5 on every other column
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad): the same plain update for every strategy (AdamW would import dynamo: seconds)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    assert torch.isfinite(p.grad).all()
+                    p -= g["lr"] * p.grad.sign().to(p.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -584,32 +613,22 @@ def test_decoder_trains_under_every_strategy(dtype):
     aids = torch.randint(0, 40, (B, La), generator=g)
     alens = torch.tensor([4, 2, 3, 4])
     aam = (torch.arange(La)[None] < alens[:, None]).long()
+    batch = data.Batch(data.Side(ids, am, lens - 1, {}, {}), data.Side(aids, aam, alens - 1, {}, {}),
+                       [], [], torch.arange(B))
+    loss_fn = functools.partial(ggsm.info_nce, tau=0.05, margin=0.1)
     for strategy in ggsm.STRATEGIES:
         enc, cfg = tiny_encoder("token", dtype)
-        s = ggsm.MaskSchedule(strategy, total_steps=4, warmup_steps=2, n_layers=cfg.num_hidden_layers,
-                              hidden_size=cfg.hidden_size)
-        params = [p for p in enc.parameters() if p.requires_grad] + (list(s.module.parameters()) if s.module else [])
+        s = ggsm.STRATEGIES[strategy](total_steps=4, warmup_steps=2, n_layers=cfg.num_hidden_layers,
+                                      hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads)
+        towers = train.DualTower(enc, s.module)
+        params = [p for p in towers.parameters() if p.requires_grad]
+        opt = SignSGD(params, lr=0.05)
         before = [p.detach().clone() for p in params]
         phases = []
         for step in range(5):  # passes warm-up, ramp / window, and the bidirectional end
             phases.append(s.phase(step))
-            mu, ma = s.train_mask(step, am, dtype), s.train_mask(step, aam, dtype, tower="answer")
-            u, h = enc(ids, am, lens - 1, mask=mu, return_layer=s.capture_layer or 0)
-            h.retain_grad()
-            a = enc(aids, aam, alens - 1, mask=ma)
-            loss = ggsm.info_nce(u, a, 0.05, 0.1)
-            assert torch.isfinite(loss), (strategy, dtype, step)
-            for p in params:
-                p.grad = None
-            loss.backward()
-            if s.wants_gradients(step):
-                s.accumulate(h.grad, am)
-            with torch.no_grad():
-                for p in params:
-                    if p.grad is not None:
-                        assert torch.isfinite(p.grad).all(), (strategy, dtype, step)
-                        p -= 0.05 * p.grad.sign().to(p.dtype)  # plain sign-SGD, same on every strategy
-            s.end_step(step)
+            out = train.train_step(towers, s, opt, [batch], step, loss_fn, clip=0)
+            assert math.isfinite(out["loss"]) and 0 <= out["future_weight"] <= 1, (strategy, dtype, step, out)
         changed = sum(not torch.equal(p, b) for p, b in zip(params, before))
         assert changed > 0 and all(torch.isfinite(p).all() for p in params), strategy
         with torch.no_grad():
@@ -618,3 +637,50 @@ def test_decoder_trains_under_every_strategy(dtype):
         if strategy == "ggsm":
             assert phases == ["warmup", "warmup", "ramp", "ramp", "bidirectional"]
             assert s.frozen is not None and s.frozen.numel() == Lu
+
+
+def test_readme_strategy_example_runs_inside_ggsm():
+    """The README's "Adding a mask strategy" block, run in ggsm.py's namespace, adds a working strategy."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme.split("### Adding a mask strategy", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) < 30
+    namespace = dict(vars(ggsm), STRATEGIES=dict(ggsm.STRATEGIES))
+    exec(block, namespace)
+    s = namespace["STRATEGIES"]["head_future"](total_steps=4, n_layers=2, hidden_size=8, n_heads=3)
+    m = s.train_mask(0, AM)(1, torch.randn(2, 5, 8))
+    assert m.shape == (2, 3, 5, 5)
+    w = torch.sigmoid(torch.tensor(-2.944)).item()  # 0.05003
+    for head in range(3):
+        assert_batch(m[:, head:head + 1], [[1 if j <= i else w for j in range(5)] for i in range(5)], f"head {head}")
+
+
+def test_batch_diagnostics_by_hand():
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # not unit length: re-normalised
+    d = ggsm.batch_diagnostics(u, a, margin=0.1)
+    assert d["alignment"] == pytest.approx(1 / 3)  # positives 1, 0, 0
+    assert d["cos_uu"] == pytest.approx(-1 / 3) and d["cos_aa"] == pytest.approx(1 / 3)
+    # ||u_i - u_j||^2 = 2 (orthogonal, 4 ordered pairs) or 4 (opposite, 2 ordered pairs)
+    assert d["uniformity"] == pytest.approx(math.log((4 * math.exp(-4) + 2 * math.exp(-8)) / 6))
+    p = torch.tensor([math.sqrt(2), 1.0]) / (1 + math.sqrt(2))  # singular values of u: sqrt 2, 1
+    assert d["effective_rank"] == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    # thresholds pos + 0.1 = (1.1, 0.1, 0.1): u2.a3 = 1 and a2.a1 = 1 exceed theirs; no user pair does
+    assert d["drop_ua"] == pytest.approx(1 / 6) and d["drop_aa"] == pytest.approx(1 / 6) and d["drop_uu"] == 0.0
+    # the drop rates are info_nce's own: dropping exactly those terms by hand gives its loss
+    tau = 0.5
+    keep_ua = torch.ones(3, 3, dtype=torch.bool); keep_ua[1, 2] = False
+    keep_aa = torch.ones(3, 3, dtype=torch.bool); keep_aa[1, 0] = False
+    un, an = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(a, dim=-1)
+    total = 0.0
+    for i in range(3):
+        z = math.exp(float(un[i] @ an[i]) / tau)
+        pos = z
+        for j in range(3):
+            if j != i:
+                z += math.exp(float(un[i] @ an[j]) / tau) * keep_ua[i, j] + math.exp(float(un[i] @ un[j]) / tau)
+                z += math.exp(float(an[i] @ an[j]) / tau) * keep_aa[i, j]
+        total += -math.log(pos / z)
+    assert ggsm.info_nce(u, a, tau, 0.1).item() == pytest.approx(total / 3, rel=1e-6)
+    collapsed = ggsm.batch_diagnostics(torch.ones(8, 4), torch.ones(8, 4), 0.1)
+    assert collapsed["effective_rank"] == pytest.approx(1.0) and collapsed["cos_uu"] == pytest.approx(1.0)
+    assert collapsed["uniformity"] == pytest.approx(0.0, abs=1e-12)

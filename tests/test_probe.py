@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 from sklearn.metrics import roc_auc_score
 
+import ggsm
 import probe
 from probe import (LogisticRegression, fit_probe, format_table, load_embeddings, mean_auc, probe_tasks,
                    roc_auc, save_embeddings, split_users, standardise, stratified_folds)
@@ -296,7 +297,7 @@ def test_embeddings_round_trip(tmp_path, dtype):
 
 # ---------------------------------------------------------------- embedding users with the encoder
 
-STRATEGIES = ("causal", "oracle", "bidirectional", "scheduler", "ggsm", "hybrid_mask", "hybrid_mlp", "hybrid_gq")
+STRATEGIES = tuple(ggsm.STRATEGIES)
 
 
 @pytest.fixture(scope="module")
@@ -327,21 +328,21 @@ def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strate
     import data
     import ggsm
     encoder, ds = tiny_encoder_and_users
-    schedule = ggsm.MaskSchedule(strategy, total_steps=4, warmup_steps=2, n_layers=2, hidden_size=32)
+    strategy_obj = ggsm.STRATEGIES[strategy](total_steps=4, warmup_steps=2, n_layers=2, hidden_size=32, n_heads=4)
     L = max(ds.lengths)
-    if schedule.importance is not None:  # non-uniform learnt future weights, frozen after warm-up
+    if strategy_obj.wants_gradients(0):  # non-uniform learnt future weights, frozen after warm-up
         g = torch.randn(1, L, 32, generator=torch.Generator().manual_seed(1))
         for step in range(2):
-            schedule.accumulate(g * (step + 1), torch.ones(1, L, dtype=torch.long))
-            schedule.end_step(step)
+            strategy_obj.accumulate(g * (step + 1), torch.ones(1, L, dtype=torch.long))
+            strategy_obj.end_step(step)
     by_length = sorted(range(len(ds)), key=lambda i: ds.lengths[i])
     order = [by_length[0]] + by_length[-3:] + by_length[1:-3]  # shortest user first, with the longest three
     assert ds.lengths[order[0]] * 2 < ds.lengths[order[1]], "the test needs users of very different lengths"
     batches = [data.collate([ds[i] for i in order[:4]]), data.collate([ds[i] for i in order[4:]])]
     alone = [data.collate([ds[i]]) for i in order]
     encoder.train()
-    E_batched = probe.embed_users(encoder, batches, schedule.inference_mask, "cpu")
-    E_alone = probe.embed_users(encoder, alone, schedule.inference_mask, "cpu")
+    E_batched = probe.embed_users(encoder, batches, strategy_obj.inference_mask, "cpu")
+    E_alone = probe.embed_users(encoder, alone, strategy_obj.inference_mask, "cpu")
     assert encoder.training, "embed_users must restore the encoder's mode"
     assert E_batched.shape == (len(ds), 32) and E_batched.dtype == np.float32
     diff = np.abs(E_batched - E_alone).max()
@@ -351,11 +352,11 @@ def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strate
     with torch.no_grad():
         side = batches[0].user
         ref = encoder(side.input_ids, side.attention_mask, side.pool_index,
-                      mask=schedule.inference_mask(side.attention_mask, torch.float32),
+                      mask=strategy_obj.inference_mask(side.attention_mask, torch.float32),
                       vectors=side.vectors, vector_pos=side.vector_pos)
     np.testing.assert_allclose(E_batched[:4], ref.numpy(), rtol=0, atol=1e-6)
     # the masks must matter: a causal and a bidirectional encoder do not embed alike
     if strategy == "bidirectional":
-        E_causal = probe.embed_users(encoder, alone, ggsm.MaskSchedule("causal", 4).inference_mask, "cpu")
+        E_causal = probe.embed_users(encoder, alone, ggsm.STRATEGIES["causal"](total_steps=4).inference_mask, "cpu")
         assert np.abs(E_causal - E_alone).max() > 1e-3
 

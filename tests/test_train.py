@@ -162,24 +162,41 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir, tmp_path, monkeypatc
 
 
 def test_checkpoint_tensors_checked_on_load(workdir):
-    """Loading a checkpoint into the wrong model names the offending tensor."""
-    import model
+    """Loading a checkpoint into the wrong model names the offending tensor; hybrid_mlp's MLPs are saved once."""
     import probe
-    args = train.get_args(["--model", workdir["model"], "--mask", "ggsm"])
     records, report = data.load_records(workdir["train"], require=("answer",))
-    cfg = model.ModelConfig.from_hf_config(os.path.join(workdir["model"], "config.json"))
-    encoder, _, schedule = probe.build_encoder(train.make_spec(args, workdir["model"], report, cfg.num_hidden_layers))
-    tensors, plain = probe.trainable_tensors(encoder, schedule)
-    probe.load_trainable(encoder, schedule, dict(tensors), plain)  # the round trip itself is accepted
+    for mask in ("ggsm", "hybrid_mlp"):
+        args = train.get_args(["--model", workdir["model"], "--mask", mask])
+        encoder, _, strategy = probe.build_encoder(train.make_spec(args, workdir["model"], report))
+        tensors, plain = probe.trainable_tensors(encoder, strategy)
+        probe.load_trainable(encoder, strategy, dict(tensors), plain)  # the round trip itself is accepted
+    mlp = [k for k in tensors if not k.startswith("encoder.")]
+    assert mlp and all(k.startswith("strategy.mlp.") for k in mlp)  # one copy of each MLP weight
+    assert len(mlp) == len(strategy.module.state_dict())
     key = next(k for k in tensors if "lora_A" in k)
     bad = dict(tensors, **{key: torch.zeros(3, 3)})
     with pytest.raises(ValueError, match=key.split("encoder.", 1)[1].replace(".", r"\.")):
-        probe.load_trainable(encoder, schedule, bad, plain)
+        probe.load_trainable(encoder, strategy, bad, plain)
     missing = {k: v for k, v in tensors.items() if k != key}
     with pytest.raises(ValueError, match="missing"):
-        probe.load_trainable(encoder, schedule, missing, plain)
+        probe.load_trainable(encoder, strategy, missing, plain)
     with pytest.raises(ValueError, match="unexpected"):
-        probe.load_trainable(encoder, schedule, dict(tensors, **{"mask.layers.0.weight": torch.zeros(1)}), plain)
+        probe.load_trainable(encoder, strategy, dict(tensors, **{"mask.layers.0.weight": torch.zeros(1)}), plain)
+    with pytest.raises(KeyError, match=r"HybridMLP.load_state_dict: missing keys \[\], unexpected keys \['mlp.extra'\]"):
+        probe.load_trainable(encoder, strategy, dict(tensors, **{"strategy.mlp.extra": torch.zeros(1)}), plain)
+
+
+def test_run_spec_names_missing_and_unexpected_fields(workdir):
+    import probe
+    _, report = data.load_records(workdir["train"], require=("answer",))
+    spec = train.make_spec(train.get_args(["--model", workdir["model"]]), workdir["model"], report).to_dict()
+    assert probe.RunSpec.from_dict(json.loads(json.dumps(spec))) == probe.RunSpec(**spec)  # JSON round trip
+    broken = {k: v for k, v in spec.items() if k != "pooling"}
+    broken["global_token"] = True
+    with pytest.raises(ValueError, match=r"missing fields \['pooling'\], unexpected fields \['global_token'\]"):
+        probe.RunSpec.from_dict(broken, where="state.json")
+    with pytest.raises(ValueError, match="unknown mask strategy 'prefix'"):
+        probe.RunSpec.from_dict(dict(spec, mask="prefix"))
 
 
 def test_probe_cli_export_then_reprobe(workdir, tmp_path):
@@ -194,3 +211,79 @@ def test_probe_cli_export_then_reprobe(workdir, tmp_path):
     assert again["tasks"] == first["tasks"] and again["mean_auc"] == first["mean_auc"]
     with pytest.raises(SystemExit, match="no state.json"):
         probe.main(["--checkpoint", str(tmp_path), "--data", workdir["probe"]])
+
+
+# -----------------------------------------------------------------------------
+# a new mask strategy is one class and one dict entry (the README's "Adding a mask strategy")
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ggsm  # noqa: E402
+
+
+class HeadFuture(ggsm.Strategy):
+    """Each head of each layer learns one weight w = sigmoid(logit) for all its future keys (starts at 0.05)."""
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        self.module = nn.ParameterDict({"logit": nn.Parameter(torch.full((self.n_layers, self.n_heads), -2.944))})
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+        bi = ggsm.bidirectional_mask(attention_mask)                           # (B, 1, L, L)
+        future = ggsm.causal_mask(attention_mask) < bi                         # (B, 1, L, L): j > i, real key
+
+        def mask(layer_idx, h):
+            log_w = F.logsigmoid(self.module["logit"][layer_idx]).view(1, -1, 1, 1)  # (1, heads, 1, 1)
+            return (bi + future * log_w).to(dtype)                             # (B, heads, L, L)
+        return mask
+
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+
+    def state_dict(self):
+        return {"logit": self.module["logit"].detach().clone()}
+
+    def load_state_dict(self, state):
+        self.module["logit"].data.copy_(state["logit"])
+
+
+def test_a_strategy_defined_here_trains_resumes_and_probes(workdir, monkeypatch):
+    """Inserted into ggsm.STRATEGIES, and nothing else: train.py trains it (its module too), checkpoints, resumes,
+    probes; probe.py rebuilds it from the checkpoint and gets the same table."""
+    import probe
+    monkeypatch.setitem(ggsm.STRATEGIES, "head_future", HeadFuture)
+    out = str(workdir["root"] / "head-future")
+    argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
+            "--mask", "head_future", "--steps", "4", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"]
+    assert train.main(argv + ["--halt-after", "2"]) is None
+    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+        assert json.load(f)["step"] == 2
+    result = train.main(["--out", out, "--resume"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rec = [json.loads(line) for line in f]
+    assert [r["step"] for r in rec] == [0, 1, 2, 3]
+    assert rec[0]["future_weight"] == pytest.approx(0.05, abs=1e-3)  # the mask as used, logged without any branch
+    logit = load_file(os.path.join(out, "checkpoint", "trainable.safetensors"))["strategy.logit"]
+    assert logit.shape == (2, 4) and (logit != -2.944).any(), "the strategy's module was not trained"
+    again = probe.main(["--checkpoint", os.path.join(out, "checkpoint"), "--data", workdir["probe"]])
+    assert again["mask"] == "head_future" and again["tasks"] == result["tasks"]
+
+
+def test_metrics_carry_diagnostics_and_a_collapse_warns(tmp_path, capsys):
+    args = train.get_args(["--out", str(tmp_path), "--steps", "4", "--log-every", "1"])
+    strategy = ggsm.STRATEGIES["causal"](total_steps=4)
+    keys = {"alignment", "cos_uu", "cos_aa", "uniformity", "effective_rank", "drop_ua", "drop_uu", "drop_aa"}
+    healthy = ggsm.batch_diagnostics(torch.eye(8), torch.eye(8), 0.1)
+    collapsed = ggsm.batch_diagnostics(torch.ones(8, 4), torch.ones(8, 4), 0.1)
+    for step, diag in ((0, healthy), (1, collapsed)):
+        out = dict(loss=1.0, grad_norm=1.0, tokens=10, future_weight=0.0, **diag)
+        train.log_step(args, step, out, 1e-3, strategy, {"t": 0.0, "tokens": 0}, 1, lambda m: None)
+        err = capsys.readouterr().err
+        assert ("collapsing" in err) == (step == 1), err
+    assert "effective rank 1.00" in err and "ln N = 3.466" in err  # --batch-size 32
+    with open(tmp_path / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["step"] for r in recs] == [0, 1] and all(keys <= r.keys() for r in recs)
+    assert recs[0]["effective_rank"] == pytest.approx(8.0) and recs[1]["cos_uu"] == pytest.approx(1.0)
