@@ -306,11 +306,13 @@ def task_order(names):
 
 
 def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5, seed=0,
-                test_frac=0.2, salt="probe") -> dict:
+                test_frac=0.2, salt="probe", scores_out=None) -> dict:
     """Probe every task: {task: {"auc", "n_train", "n_test", "positive_rate", "C"}} or, when a split
     lacks a class, {task: {"status": ..., "n_train", "n_test", "positive_rate"}}.
     embeddings (N, E); user_ids: N unique ids; labels: N dicts task -> 0/1 (absent or None = no label).
-    tasks: which tasks (default: every task named in labels, in the paper's order)."""
+    tasks: which tasks (default: every task named in labels, in the paper's order).
+    scores_out: a dict to fill with {task: (test users' row numbers, their labels, their scores)}, for
+    bootstrap_mean_auc."""
     X = np.asarray(embeddings)
     if X.ndim != 2 or not (len(X) == len(user_ids) == len(labels)):
         raise ValueError(f"probe_tasks: embeddings {X.shape}, {len(user_ids)} user_ids, {len(labels)} labels "
@@ -344,8 +346,11 @@ def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5
             res["status"] = "single class in train split"  # (or a lone user of one class: nothing to fit)
         else:
             probe = fit_probe(X[rows[~te]], y_tr, Cs=Cs, folds=folds, seed=seed)
-            res["auc"] = roc_auc(y_te, probe.decision_function(X[rows[te]]))
+            s_te = probe.decision_function(X[rows[te]])
+            res["auc"] = roc_auc(y_te, s_te)
             res["C"] = probe.C
+            if scores_out is not None:
+                scores_out[task] = (rows[te], y_te, s_te)
         results[task] = res
     return results
 
@@ -358,17 +363,54 @@ def mean_auc(tasks: dict):
 
 def format_table(rows) -> str:
     """Markdown table in the layout of the paper's Table 2. rows: list of (name, tasks) where tasks is
-    probe_tasks' dict (or a probe.json dict holding it under "tasks"). One column per task in the paper's
-    order then others, then Avg over that row's tasks with an AUC; 4 decimals; "—" where there is none."""
+    probe_tasks' dict (or a probe.json dict holding it under "tasks", whose "mean_auc_se" is printed as
+    Avg ± SE). One column per task in the paper's order then others, then Avg over that row's tasks with
+    an AUC; 4 decimals; "—" where there is none."""
+    ses = [t.get("mean_auc_se") if isinstance(t.get("tasks"), dict) else None for _, t in rows]
     rows = [(name, t["tasks"] if isinstance(t.get("tasks"), dict) else t) for name, t in rows]
     cols = task_order({task for _, t in rows for task in t})
     lines = ["| Method | " + " | ".join(cols) + " | Avg |", "|---" * (len(cols) + 2) + "|"]
-    for name, t in rows:
+    for (name, t), se in zip(rows, ses):
         cells = [f"{t[c]['auc']:.4f}" if c in t and "auc" in t[c] else "—" for c in cols]
         avg = mean_auc(t)
-        cells.append("—" if avg is None else f"{avg:.4f}")
+        cells.append("—" if avg is None else f"{avg:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _auc_by_groups(y, scores, rows):
+    """Precomputes what a weighted AUC needs (sort once, reweight many times): -> f(weights per user row)."""
+    order = np.argsort(scores, kind="mergesort")
+    s, y, rows = scores[order], np.asarray(y)[order].astype(np.float64), rows[order]
+    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # tied scores share a group
+
+    def auc(user_weights):
+        w = user_weights[rows]
+        w_pos, w_neg = np.bincount(group, w * y), np.bincount(group, w * (1.0 - y))
+        below = np.cumsum(w_neg) - w_neg  # negative weight strictly below each group
+        return float((w_pos * (below + 0.5 * w_neg)).sum() / (w_pos.sum() * w_neg.sum()))
+
+    return auc
+
+
+def bootstrap_mean_auc(score_sets, n_boot=1000, seed=0):
+    """Mean AUC over tasks on n_boot bootstrap resamples of the probe-test users, drawn jointly for every task
+    and for every row compared (rows must share the split: the same users of the same file). A resampled
+    user counts as often as drawn (the weighted Mann-Whitney AUC, ties one half). score_sets: a list of
+    probe_tasks' scores_out, one per row. -> (n_boot, rows) array; its std (ddof 1) per column is the standard
+    error of that row's mean AUC, and the std of a column difference the paired standard error."""
+    tasks = [t for t in score_sets[0] if all(t in s for s in score_sets)]
+    if not tasks:
+        return np.full((n_boot, len(score_sets)), np.nan)
+    users = np.unique(np.concatenate([score_sets[0][t][0] for t in tasks]))
+    aucs = [[_auc_by_groups(s[t][1], s[t][2], s[t][0]) for t in tasks] for s in score_sets]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, len(score_sets)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a class gives nan, skipped
+        for b in range(n_boot):
+            weights = np.bincount(users[rng.integers(len(users), size=len(users))], minlength=int(users.max()) + 1)
+            out[b] = [np.nanmean([f(weights.astype(np.float64)) for f in row]) for row in aucs]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -545,35 +587,68 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0):
-    """Probe every task, print the Table 2 row, write probe.json (the README's layout); returns its dict."""
-    tasks = probe_tasks(embeddings, [r["user_id"] for r in records], [r.get("labels") or {} for r in records], seed=seed)
-    result = {"tasks": tasks, "mean_auc": mean_auc(tasks), "mask": name, "checkpoint": checkpoint}
-    for t, r in tasks.items():
+def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None):
+    """Probe every task, print the Table 2 row with the mean AUC's standard error (bootstrap over test users),
+    write probe.json (the README's layout); returns its dict. baseline: optional (name, embeddings) of the
+    same users, e.g. the untrained Oracle: probed alike, stored under its name, printed above, and the
+    difference of mean AUCs reported with its paired bootstrap standard error under "delta"."""
+    ids, labels = [r["user_id"] for r in records], [r.get("labels") or {} for r in records]
+    rows = [(name, embeddings)] + ([baseline] if baseline else [])
+    results, scores = [], []
+    for row_name, emb in rows:
+        scores.append({})
+        tasks = probe_tasks(emb, ids, labels, seed=seed, scores_out=scores[-1])
+        results.append({"tasks": tasks, "mean_auc": mean_auc(tasks), "mask": row_name})
+    boot = bootstrap_mean_auc(scores, seed=seed)
+    for r, col in zip(results, boot.T):
+        r["mean_auc_se"] = float(np.nanstd(col, ddof=1))
+    result = dict(results[0], checkpoint=checkpoint)
+    for t, r in result["tasks"].items():
         if "status" in r:
             print(f"probe: task {t}: {r['status']} (not averaged)", file=sys.stderr)
-    print(format_table([(name, tasks)]))
+    print(format_table([(r["mask"], r) for r in results[::-1]]))
+    if baseline:
+        result[baseline[0]] = results[1]
+        result["delta"] = {"vs": baseline[0], "mean_auc": result["mean_auc"] - results[1]["mean_auc"],
+                           "se": float(np.nanstd(boot[:, 0] - boot[:, 1], ddof=1))}
+        print(f"{name} - {baseline[0]}: {result['delta']['mean_auc']:+.4f} mean AUC "
+              f"(paired bootstrap SE over test users {result['delta']['se']:.4f})")
     if out:
         write_json(out, result)
     return result
 
 
 def probe_records(encoder, template, strategy, records, device, name, checkpoint=None, out=None, export=None,
-                  batch_size=64, seed=0):
+                  batch_size=64, seed=0, baseline=None):
     """Embed labelled records under the strategy's inference mask, optionally export, probe and report."""
     emb = embed_records(encoder, template, strategy, records, device, batch_size)
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    return report_probe(emb, records, name, out, checkpoint, seed)
+    return report_probe(emb, records, name, out, checkpoint, seed, baseline)
+
+
+def oracle_spec(spec):
+    """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
+    rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
+    return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
+                   answer_max_len=spec.answer_max_len, pooling=spec.pooling)
 
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
-        batch_size=64, export=None, seed=0):
-    """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run)."""
+        batch_size=64, export=None, seed=0, baseline_spec=None):
+    """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
+    baseline_spec (e.g. oracle_spec(run's spec)), that untrained encoder is probed on the same users too,
+    as the "oracle" row with the paired difference."""
     records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
     if report.n_bad:
         print(report, file=sys.stderr)
-    return probe_records(encoder, template, strategy, records, device, name, checkpoint, out, export, batch_size, seed)
+    baseline = None
+    if baseline_spec is not None:
+        torch.manual_seed(seed)  # the untrained adapters' init, as probe.py --model --seed
+        b_encoder, b_template, b_strategy = build_encoder(baseline_spec, device)
+        baseline = ("oracle", embed_records(b_encoder, b_template, b_strategy, records, device, batch_size))
+    return probe_records(encoder, template, strategy, records, device, name, checkpoint, out, export, batch_size, seed,
+                         baseline)
 
 
 def main(argv=None):

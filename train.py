@@ -101,6 +101,7 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log a metrics.jsonl line every N steps")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
+    p.add_argument("--no-oracle", action="store_true", help="probe the trained encoder only, not also the untrained Oracle row of the same base")
     p.add_argument("--halt-after", type=int, default=0, help="stop right after step N's checkpoint as if killed (tests resume)")
     return p.parse_args(argv)
 
@@ -391,7 +392,7 @@ def parse_run(argv=None):
         sys.exit(f"error: --resume: no checkpoint in {args.out}")
     with open(os.path.join(args.out, "args.json")) as f:
         saved = json.load(f)
-    saved.update(resume=True, halt_after=args.halt_after, no_probe=args.no_probe, out=args.out)
+    saved.update(resume=True, halt_after=args.halt_after, no_probe=args.no_probe, no_oracle=args.no_oracle, out=args.out)
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     state["path"] = ckpt
@@ -589,7 +590,7 @@ def main(argv=None):
     if master and not args.no_probe and probe_path:
         result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
                            checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
-                           skip_bad=args.skip_bad)
+                           skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else probe.oracle_spec(spec))
     shutdown(ddp)
     return result
 

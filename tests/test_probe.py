@@ -360,3 +360,41 @@ def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strate
         E_causal = probe.embed_users(encoder, alone, ggsm.STRATEGIES["causal"](total_steps=4).inference_mask, "cpu")
         assert np.abs(E_causal - E_alone).max() > 1e-3
 
+
+
+# ---------------------------------------------------------------- standard errors by bootstrap over test users
+
+def test_weighted_auc_matches_sklearn_sample_weight():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + y, 1)  # rounding makes many ties
+    rows = rng.permutation(300) + 7
+    w = rng.integers(0, 4, 400).astype(float)
+    got = probe._auc_by_groups(y, s, rows)(w)
+    assert got == pytest.approx(roc_auc_score(y, s, sample_weight=w[rows]), abs=1e-12)
+    assert probe._auc_by_groups(y, s, rows)(np.ones(400)) == pytest.approx(probe.roc_auc(y, s), abs=1e-12)
+
+
+def test_bootstrap_mean_auc_equals_explicit_resampling():
+    """Against a naive bootstrap that duplicates the drawn users and calls roc_auc, with the same draws."""
+    rng = np.random.default_rng(1)
+    n = 120
+    y = {"a": rng.integers(0, 2, n), "b": rng.integers(0, 2, n)}
+    rows = {"a": np.arange(n), "b": np.arange(0, n, 2)}  # task b is labelled for half of the users only
+    sets = [{t: (rows[t], y[t][:len(rows[t])], rng.normal(size=len(rows[t])) + k * y[t][:len(rows[t])])
+             for t in ("a", "b")} for k in (0.5, 1.0)]
+    got = probe.bootstrap_mean_auc(sets, n_boot=20, seed=3)
+    draws = np.random.default_rng(3)
+    for b in range(20):
+        drawn = draws.integers(n, size=n)  # the users are 0..n-1, so a draw is a row number
+        for k, st in enumerate(sets):
+            aucs = []
+            for t, (r, yy, ss) in st.items():
+                pos = {int(u): i for i, u in enumerate(r)}
+                idx = [pos[int(u)] for u in drawn if int(u) in pos]
+                aucs.append(probe.roc_auc(yy[idx], ss[idx]))
+            assert got[b, k] == pytest.approx(np.mean(aucs), abs=1e-12)
+    big = probe.bootstrap_mean_auc(sets, n_boot=300, seed=0)
+    se = big.std(axis=0, ddof=1)
+    assert np.all((se > 0.01) & (se < 0.1))  # ~ sqrt(AUC (1 - AUC) / n) for 60-120 users per task
+    assert (big[:, 1] - big[:, 0]).std(ddof=1) < se.sum()  # the paired SE: both rows on the same draws

@@ -114,6 +114,10 @@ def test_default_job_in_miniature(tmp_path):
         pj = json.load(f)
     assert set(pj["tasks"]) == set(data.TASKS)
     assert pj["mask"] == "ggsm" and result["mean_auc"] == pj["mean_auc"]
+    # the untrained Oracle row of the same decoder, on the same users, with the paired difference
+    assert pj["oracle"]["mask"] == "oracle" and set(pj["oracle"]["tasks"]) == set(data.TASKS)
+    assert pj["delta"]["mean_auc"] == pytest.approx(pj["mean_auc"] - pj["oracle"]["mean_auc"])
+    assert 0 < pj["delta"]["se"] < 0.2 and 0 < pj["mean_auc_se"] < 0.2 and 0 < pj["oracle"]["mean_auc_se"] < 0.2
     for name in ("args.json", "metrics.jsonl", "checkpoint/trainable.safetensors", "checkpoint/state.json"):
         assert (out / name).exists(), name
 
