@@ -78,7 +78,8 @@ def run_one(strategy, seed, args, base_argv, out):
         train.main(["--out", run_dir, "--resume"])
     else:
         train.main(["--model", base_argv["model"], "--data", base_argv["train"], "--probe-data", base_argv["probe"],
-                    "--mask", strategy, "--seed", str(seed), "--out", run_dir, "--log-every", "1"] + base_argv["extra"])
+                    "--mask", strategy, "--seed", str(seed), "--out", run_dir, "--log-every", "1", "--no-oracle"]
+                   + base_argv["extra"])  # the Oracle row is its own run here
     with open(done) as f:
         result = json.load(f)
     result["wall_s"] = time.time() - t0
@@ -218,7 +219,7 @@ def main(argv=None):
     if train_path is None:
         syn = os.path.join(out, "data")
         if not os.path.isfile(os.path.join(syn, "probe.jsonl")):
-            data.write_synthetic(syn, targs.synthetic_train, targs.synthetic_probe, seed=0)
+            data.write_synthetic(syn, targs.synthetic_train, targs.synthetic_probe, seed=targs.data_seed)
         train_path, probe_path = os.path.join(syn, "train.jsonl"), probe_path or os.path.join(syn, "probe.jsonl")
     if probe_path is None:
         sys.exit("error: --probe-data is needed with --data")

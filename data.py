@@ -662,15 +662,15 @@ def write_synthetic(out_dir, n_train=4000, n_probe=2000, seed=0):
     return tuple(paths)
 
 
-def record_texts(records):
-    """Every event text, query and answer, spelled as the template spells them (' text;' with the
-    leading space), so BPE merges learned from this corpus are the ones the template uses."""
+def record_texts(records, answers=True):
+    """Every event text, query and (unless answers=False) answer, spelled as the template spells them
+    (' text;' with the leading space), so BPE merges learned from this corpus are the ones the template uses."""
     for rec in records:
         for ev in rec["events"]:
             if ev.get("text") is not None:
                 yield event_piece(ev["text"])
         yield " Instruction:" + (" " + rec["query"] if rec.get("query") else "")
-        if rec.get("answer"):
+        if answers and rec.get("answer"):
             yield rec["answer"]
 
 

@@ -12,7 +12,8 @@ What is here (every strategy of the paper's Table 2):
     HybridMLPBias        hybrid_mlp: a small per-layer MLP predicting the future bias of each query row
     GradientImportance   per-position ||dL/dh_j|| collected over micro-steps, all-reduced across ranks
     Strategy             the base class of a mask strategy; STRATEGIES: name -> class, the only list:
-                         causal | hybrid_mask | hybrid_mlp | hybrid_gq | bidirectional | scheduler | ggsm
+                         causal | hybrid_mask | hybrid_mlp | hybrid_gq | bidirectional | scheduler | ggsm,
+                         and ggsm_zero (GG-SM with zero importance, a control)
     mean_future_weight   the logged "Soft Mask Average Weight" of a mask as used
     info_nce             the masked InfoNCE of Eq. 6-8 with same-side negatives
 
@@ -591,6 +592,19 @@ class HybridMask(GGSM):
         return self.train_mask(step, attention_mask, dtype, tower)
 
 
+class GGSMZero(GGSM):
+    """Control for the ablation: GG-SM with the gradient importance replaced by zeros. Warm-up weights are the
+    constant sigma(0) = 0.5, frozen as such, then the same ramp to bidirectional: what GG-SM gains over this
+    is what the gradient guidance adds."""
+
+    def wants_gradients(self, step):
+        return False
+
+    def end_step(self, step):
+        if step == self.warmup_steps - 1:
+            self.frozen = torch.zeros(0, dtype=torch.float64)  # the empty importance: sigma(0) = 0.5 everywhere
+
+
 class HybridMLP(Strategy):
     """App. A.4 Hybrid b: HybridMLPBias, trained with the encoder; the mask is a callable mask(layer_idx, h)
     the decoder evaluates at the input of each block."""
@@ -645,6 +659,7 @@ STRATEGIES = {
     "bidirectional": Bidirectional,
     "scheduler": Scheduler,
     "ggsm": GGSM,
+    "ggsm_zero": GGSMZero,  # not in the paper: GG-SM without its gradient guidance, a control
 }
 
 

@@ -616,7 +616,8 @@ class UserEncoder(nn.Module):
     (their ids may be >= vocab_size); the base embedding stays frozen. New trainable parts are fp32.
     """
 
-    def __init__(self, decoder, special_token_ids, vector_dims, pooling="token", projector_dims=None):
+    def __init__(self, decoder, special_token_ids, vector_dims, pooling="token", projector_dims=None,
+                 standardize=False, bn_momentum=0.05):
         super().__init__()
         if pooling not in ("token", "mean"):
             raise ValueError(f"UserEncoder: pooling must be 'token' or 'mean', got {pooling!r}")
@@ -641,6 +642,14 @@ class UserEncoder(nn.Module):
             for i in range(len(dims) - 1):
                 layers += [nn.Linear(dims[i], dims[i + 1]), nn.GELU()]
             self.projector = nn.Sequential(*layers[:-1]).to(W.device)  # no activation after the last Linear
+        # per-tower standardisation of the pooled (projected) state before the L2 normalisation: batch statistics
+        # in training, running statistics at inference (kept with the trainable state). A decoder's pooled states
+        # share one dominant direction; without it the cosine's gradient vanishes and the embeddings collapse.
+        self.standardize = None
+        if standardize:
+            E = projector_dims[-1] if projector_dims is not None else D
+            self.standardize = nn.ModuleDict({t: nn.BatchNorm1d(E, affine=False, momentum=bn_momentum)
+                                              for t in ("user", "answer")}).to(W.device)
 
     def embed(self, input_ids, vectors=None, vector_pos=None):
         """(B, L) ids -> (B, L, D) input embeddings with special rows and adapter outputs spliced in."""
@@ -672,7 +681,9 @@ class UserEncoder(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask, pool_index, mask=None, vectors=None, vector_pos=None,
-                return_layer=None):
+                return_layer=None, tower="user", finish=True):
+        """-> (B, E) embeddings (and h_k at return_layer). finish=False stops before finish(): the trainer
+        gathers the pooled states of every rank first, so the standardisation sees the global batch."""
         x = self.embed(input_ids, vectors, vector_pos)
         out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer)  # Eq. 11: H = M(x)
         hidden, h_k = out if return_layer is not None else (out, None)
@@ -684,13 +695,20 @@ class UserEncoder(nn.Module):
             e = (hidden.float() * w).sum(1) / w.sum(1).clamp(min=1)
         if self.projector is not None:
             e = self.projector(e)
-        e = F.normalize(e, dim=-1)  # Eq. 13: u / ||u||, (B, E) fp32
+        if finish:
+            e = self.finish(e, tower)
         return (e, h_k) if return_layer is not None else e
 
+    def finish(self, e, tower="user"):
+        """(B, E) pooled, projected states -> the tower's standardisation (if any) -> Eq. 13: e / ||e||."""
+        if self.standardize is not None:
+            e = self.standardize[tower](e)
+        return F.normalize(e, dim=-1)
+
     def trainable_state_dict(self):
-        """LoRA tensors, special rows, adapters and projector: everything training changes."""
+        """LoRA tensors, special rows, adapters, projector and standardisation statistics: everything training changes."""
         return {k: v for k, v in self.state_dict().items()
-                if "lora_" in k or k == "special_embeds" or k.startswith(("adapters.", "projector."))}
+                if "lora_" in k or k == "special_embeds" or k.startswith(("adapters.", "projector.", "standardize."))}
 
     def load_trainable_state_dict(self, sd):
         copy_strict(self.trainable_state_dict(), sd, "UserEncoder.load_trainable_state_dict")

@@ -496,6 +496,7 @@ class RunSpec:
     answer_max_len: int = 48         # answer-side token budget
     pooling: str = "token"           # model.UserEncoder pooling
     projector: list = None           # dims after the hidden size, or None
+    standardize: bool = False        # model.UserEncoder per-tower standardisation
 
     def to_dict(self):
         return asdict(self)
@@ -526,7 +527,7 @@ def build_encoder(spec, device="cpu"):
         decoder.requires_grad_(False)
     projector = [cfg.hidden_size] + list(spec.projector) if spec.projector else None
     encoder = model.UserEncoder(decoder, template.special_token_ids, spec.vector_dims,
-                                pooling=spec.pooling, projector_dims=projector).to(device)
+                                pooling=spec.pooling, projector_dims=projector, standardize=spec.standardize).to(device)
     strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
                             hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads, **spec.mask_options)
     if strategy.module is not None:

