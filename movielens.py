@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import zipfile
 from collections import Counter, defaultdict
 
@@ -73,11 +72,12 @@ def rows(place, text, spec):
     if header and lines[0].rstrip("\r") != header:
         raise ValueError(f"{place}:1: expected the header {header!r}")
     for lineno, line in enumerate(lines[1:] if header else lines, 2 if header else 1):
+        if not line.strip():
+            continue
         fields = [x.strip() for x in line.rstrip("\r").split(sep)]
-        if line.strip() and len(fields) != n:
+        if len(fields) != n:
             raise ValueError(f"{place}:{lineno}: expected {n} fields separated by {sep!r}, got {len(fields)}")
-        if line.strip():
-            yield f"{place}:{lineno}", fields
+        yield f"{place}:{lineno}", fields
 
 
 def number(where, what, s):
@@ -146,14 +146,15 @@ def build(items, users, ratings, window):
 
 
 def write_jsonl(path, records):
-    """A temporary file in the same folder, then os.replace: no reader ever sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    """A temporary file beside it, then os.replace: no reader ever sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # not mkstemp: its 0600 mode would survive the replace
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 

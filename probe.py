@@ -688,6 +688,7 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
             sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
         encoder, template, strategy, state = load_checkpoint(args.checkpoint, args.device)
+        model.merge_lora(encoder)  # W + (alpha / r) B A once: the same function, cheaper to run
         name = args.name or state["spec"].mask
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):

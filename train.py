@@ -70,6 +70,7 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=False,
                    help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    p.add_argument("--chunks", type=int, default=4, help="each micro-batch runs as this many length-sorted chunks, each padded to its own longest (less padding, the same loss)")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
     p.add_argument("--tiny-layers", type=int, default=4, help="decoder blocks")
@@ -151,6 +152,12 @@ def micro_indices(n_users, step, batch_size, micro, world, rank, m, seed):
     return perm[start:start + micro].tolist()
 
 
+def micro_batch(dataset, idx, chunks, device):
+    """The users idx sorted by length and cut into `chunks` parts, each collated (padded to its own longest)."""
+    idx = sorted(idx, key=lambda i: dataset.lengths[i])
+    return [data.collate([dataset[i] for i in part]).to(device) for part in np.array_split(idx, chunks) if len(part)]
+
+
 def lr_at(step, args):
     """Linear warm-up, then cosine decay to 0 at --steps."""
     if step < args.lr_warmup:
@@ -168,15 +175,23 @@ class DualTower(nn.Module):
         self.encoder = encoder
         self.mask_module = mask_module  # the strategy's trainable module (hybrid_mlp's MLPs), else None
 
-    def forward(self, user, answer, user_mask, answer_mask, capture_layer=None):
-        """-> pooled (projected) states of both towers, before encoder.finish, and h at capture_layer."""
-        out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask,
-                           vectors=user.vectors, vector_pos=user.vector_pos, return_layer=capture_layer, finish=False)
-        u, h = out if capture_layer is not None else (out, None)
-        if h is not None:
-            h.retain_grad()  # GG-SM reads dL/dh_j of the user tower after backward (Eq. 5)
-        a = self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask, finish=False)
-        return u, a, h
+    def forward(self, chunks, user_masks, answer_masks, capture_layer=None):
+        """chunks: the parts of one micro-batch (data.Batch each, padded to its own longest), with their masks.
+        -> pooled (projected) states of both towers, rows in chunk order, before encoder.finish; and per chunk
+        the user tower's h at capture_layer (None when not captured)."""
+        us, as_, hs = [], [], []
+        for chunk, user_mask, answer_mask in zip(chunks, user_masks, answer_masks):
+            user, answer = chunk.user, chunk.answer
+            out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask, vectors=user.vectors,
+                               vector_pos=user.vector_pos, return_layer=capture_layer, finish=False)
+            u, h = out if capture_layer is not None else (out, None)
+            if h is not None:
+                h.retain_grad()  # GG-SM reads dL/dh_j of the user tower after backward (Eq. 5)
+            us.append(u)
+            hs.append(h)
+            as_.append(self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask,
+                                    finish=False))
+        return torch.cat(us), torch.cat(as_), hs
 
 
 def _measured(mask, attention_mask, seen):
@@ -196,29 +211,30 @@ def _measured(mask, attention_mask, seen):
 def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1.0, rank=0, world=1,
                autocast=nullcontext(), diagnose=None):
     """
-    One optimizer step over this rank's micro-batches (data.Batch with answers). For each: the strategy's masks
-    for both towers, forward, loss_fn(user, answer) over the batch gathered from every rank (InfoNCE, Eq. 6-8),
-    backward, and the user tower's dL/dh for the gradient importance (Eq. 5). Then clip, optimizer step and
-    strategy.end_step (every rank: it may all-reduce).
+    One optimizer step over this rank's micro-batches (each a data.Batch with answers, or a list of them: the
+    length-sorted chunks of one micro-batch, each padded to its own longest, so less padding and the same
+    loss). For each: the strategy's masks for both towers, forward, loss_fn(user, answer) over the batch gathered
+    from every rank (InfoNCE, Eq. 6-8), backward, and the user tower's dL/dh for the gradient importance (Eq. 5).
+    Then clip, optimizer step and strategy.end_step (every rank: it may all-reduce).
     towers: a DualTower, or DDP around one. Returns {"loss", "grad_norm", "tokens", "future_weight"} (the mean
     future weight of the user masks as used), plus the mean over micro-steps of diagnose(user, answer) (a dict
     of floats on the gathered embeddings, e.g. ggsm.batch_diagnostics) when given; on a non-finite loss it
     returns before the optimizer step.
     """
-    micro_batches = list(micro_batches)
+    micro_batches = [mb if isinstance(mb, (list, tuple)) else [mb] for mb in micro_batches]
     n = len(micro_batches)
     capture = strategy.capture_layer if strategy.wants_gradients(step) else None
     encoder = (towers.module if isinstance(towers, DDP) else towers).encoder
     loss_sum, tokens, weights, diag = 0.0, 0, [], []
-    for m, batch in enumerate(micro_batches):
-        user_mask = _measured(strategy.train_mask(step, batch.user.attention_mask, torch.float32),
-                              batch.user.attention_mask, weights)
-        answer_mask = strategy.train_mask(step, batch.answer.attention_mask, torch.float32, tower="answer")
+    for m, chunks in enumerate(micro_batches):
+        user_masks = [_measured(strategy.train_mask(step, c.user.attention_mask, torch.float32),
+                                c.user.attention_mask, weights) for c in chunks]
+        answer_masks = [strategy.train_mask(step, c.answer.attention_mask, torch.float32, tower="answer") for c in chunks]
         # no gradient all-reduce on the non-final micro-steps of an accumulation
         sync = towers.no_sync() if (isinstance(towers, DDP) and m < n - 1) else nullcontext()
         with sync:
             with autocast:
-                u, a, h = towers(batch.user, batch.answer, user_mask, answer_mask, capture)
+                u, a, hs = towers(chunks, user_masks, answer_masks, capture)
             # negatives from the global batch (Eq. 7); every rank computes the same global loss. Standardisation
             # and L2 norm after the gather: batch statistics of the global batch, the same on every rank
             ug = encoder.finish(gather_keep_grad(u.float(), rank, world), "user")
@@ -228,10 +244,11 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
                 diag.append(diagnose(ug, ag))
             # x world: DDP averages gradients over ranks, each holding only its own rows' share of dL
             (loss * world / n).backward()
-        if h is not None and h.grad is not None:
-            strategy.accumulate(h.grad.float() * n / world, batch.user.attention_mask)  # back to dL/dh of the step's loss
+        for h, c in zip(hs, chunks):
+            if h is not None and h.grad is not None:
+                strategy.accumulate(h.grad.float() * n / world, c.user.attention_mask)  # back to dL/dh of the step's loss
         loss_sum += loss.item() / n
-        tokens += int(batch.user.attention_mask.sum() + batch.answer.attention_mask.sum())
+        tokens += sum(int(c.user.attention_mask.sum() + c.answer.attention_mask.sum()) for c in chunks)
     out = {"loss": loss_sum, "grad_norm": float("nan"), "tokens": tokens,
            "future_weight": float(np.mean(weights)) if weights else float("nan")}
     out.update({k: float(np.mean([d[k] for d in diag])) for k in (diag[0] if diag else ())})
@@ -413,6 +430,8 @@ def check_args(args, world):
     """Fail on bad arguments before any work; -> micro-steps per optimizer step."""
     if args.batch_size % (args.micro_batch * world):
         sys.exit(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x world size {world}")
+    if args.chunks < 1:
+        sys.exit(f"error: --chunks {args.chunks}: must be >= 1")
     if args.capture_layer not in ("last-block", "final") and not args.capture_layer.isdigit():
         sys.exit(f"error: --capture-layer {args.capture_layer}: expected 'last-block', 'final' or a block index")
     if args.model != "tiny":
@@ -571,9 +590,8 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        batches = [data.collate([train_set[i] for i in micro_indices(n_users, step, args.batch_size, args.micro_batch,
-                                                                     world, rank, m, args.seed)]).to(device)
-                   for m in range(accum)]
+        batches = [micro_batch(train_set, micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, m,
+                                                        args.seed), args.chunks, device) for m in range(accum)]
         out = train_step(model_ddp, strategy, opt, batches, step, loss_fn, args.clip, rank, world, autocast,
                          diagnose=partial(ggsm.batch_diagnostics, margin=args.margin))
         if not math.isfinite(out["loss"]):
@@ -594,6 +612,7 @@ def main(argv=None):
         log(f"nothing to do: the checkpoint is already at step {start}")
     result = None  # the trained encoder under the strategy's inference mask, probed by rank 0
     if master and not args.no_probe and probe_path:
+        model.merge_lora(towers.encoder)  # training is over (the checkpoint is written): embed without the LoRA branch
         result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
                            checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
                            skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else probe.oracle_spec(spec))
