@@ -11,7 +11,8 @@ A finished (strategy, seed) run is not recomputed: rerunning the command resumes
 
 Writes to --out:
     table.md       Table 2's layout (mean +- std over seeds per task, then the average), and paired differences of
-                   the average AUC against causal and against scheduler with 95% t-intervals (paired by seed)
+                   the average AUC against the Oracle, causal and scheduler rows, and GG-SM against ggsm_zero (its
+                   gradient guidance replaced by zeros), with 95% t-intervals (paired by seed)
     curves.png     training loss per strategy against the optimizer step (mean over seeds), GG-SM phases shaded,
                    and the mean future-attention weight per step beneath it
     stability.png  per strategy: the loss's spread over a sliding window and the gradient norm per step
@@ -109,17 +110,15 @@ def summarise(results, strategies, seeds):
         m, sd, _ = mean_ci(avgs)
         row["avg"] = {"mean": m, "std": sd, "per_seed": avgs}
         table[s] = row
+    # every row against the untrained Oracle, the causal and the scheduler rows; GG-SM against its own control
+    pairs = [(s, ref) for ref in ("oracle", "causal", "scheduler") if ref in table for s in strategies if s != ref]
+    pairs += [("ggsm", "ggsm_zero")] if {"ggsm", "ggsm_zero"} <= set(table) else []
     diffs = {}
-    for ref in ("causal", "scheduler"):
-        if ref not in table:
-            continue
-        for s in strategies:
-            if s == ref:
-                continue
-            d = np.array(table[s]["avg"]["per_seed"]) - np.array(table[ref]["avg"]["per_seed"])  # paired by seed
-            m, sd, hw = mean_ci(d)
-            diffs[f"{s} - {ref}"] = {"mean": m, "std": sd, "ci95": [m - hw, m + hw], "per_seed": d.tolist(),
-                                     "excludes_zero": bool(hw == hw and (m - hw > 0 or m + hw < 0))}
+    for s, ref in pairs:
+        d = np.array(table[s]["avg"]["per_seed"]) - np.array(table[ref]["avg"]["per_seed"])  # paired by seed
+        m, sd, hw = mean_ci(d)
+        diffs[f"{s} - {ref}"] = {"mean": m, "std": sd, "ci95": [m - hw, m + hw], "per_seed": d.tolist(),
+                                 "excludes_zero": bool(hw == hw and (m - hw > 0 or m + hw < 0))}
     return tasks, table, diffs
 
 

@@ -296,3 +296,17 @@ def test_metrics_carry_diagnostics_and_a_collapse_warns(tmp_path, capsys):
         recs = [json.loads(line) for line in f]
     assert [r["step"] for r in recs] == [0, 1] and all(keys <= r.keys() for r in recs)
     assert recs[0]["effective_rank"] == pytest.approx(8.0) and recs[1]["cos_uu"] == pytest.approx(1.0)
+
+
+def test_causal_lm_builder_chunks_change_nothing_but_padding(workdir, tmp_path):
+    """--chunks 4 (length-sorted parts, each padded to its own longest) trains the same decoder as one batch."""
+    records, report = data.load_records(workdir["train"], require=("answer",))
+    built = {}
+    for chunks in (1, 4):
+        args = train.get_args(["--data", workdir["train"], "--chunks", str(chunks)] + TINY[:-8] + ["--tiny-steps", "3"])
+        out = train.build_tiny_decoder(args, records, report, str(tmp_path / f"lm{chunks}"), torch.device("cpu"), lambda m: None)
+        with open(os.path.join(out, "pretrain.json")) as f:
+            built[chunks] = (json.load(f), load_file(os.path.join(out, "model.safetensors")))
+    assert built[1][0]["first_loss"] == pytest.approx(built[4][0]["first_loss"], abs=1e-5)
+    assert built[1][0]["last_loss"] == pytest.approx(built[4][0]["last_loss"], abs=1e-5)
+    assert max_diff(built[1][1], built[4][1]) < 1e-5
