@@ -42,7 +42,10 @@ import ggsm
 import model
 import probe
 
-COLLAPSE_RANK = 2.0  # effective rank of a batch's user embeddings below which a run warns that it collapses
+# a run warns that it collapses when a batch's user embeddings have an effective rank below COLLAPSE_RANK or a
+# mean pairwise cosine above COLLAPSE_COSINE (measured: a collapsed run sits at cosine 0.99-1.00, effective rank
+# 2.4-3.0; a learning one at cosine -0.03, effective rank 17-19 of 32)
+COLLAPSE_RANK, COLLAPSE_COSINE = 2.0, 0.9
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -90,7 +93,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
@@ -547,9 +550,10 @@ def log_step(args, step, out, lr, strategy, meter, world, log):
     log(f"step {step:5d}/{args.steps} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.3f} | "
         f"w_future {rec['future_weight']:.4f} ({rec['phase']}) | align {rec['alignment']:.2f} "
         f"cos_uu {rec['cos_uu']:.2f} erank {rec['effective_rank']:.1f} | {rec['tokens_per_s']:.0f} tok/s")
-    if rec["effective_rank"] < COLLAPSE_RANK:
+    if rec["effective_rank"] < COLLAPSE_RANK or rec["cos_uu"] > COLLAPSE_COSINE:
         print(f"warning: step {step}: the user embeddings are collapsing: effective rank {rec['effective_rank']:.2f} "
-              f"(< {COLLAPSE_RANK}), mean user-user cosine {rec['cos_uu']:.3f}; a collapsed batch gives loss "
+              f"(warns below {COLLAPSE_RANK}), mean user-user cosine {rec['cos_uu']:.3f} (warns above "
+              f"{COLLAPSE_COSINE}); a collapsed batch gives loss "
               f"ln N = {math.log(args.batch_size):.3f} (or ln(3N - 2) = {math.log(3 * args.batch_size - 2):.3f} with "
               "same-side negatives); see metrics.jsonl", file=sys.stderr, flush=True)
     meter.update(t=time.time(), tokens=0)
