@@ -158,14 +158,48 @@ def write_jsonl(path, records):
         raise
 
 
+def histogram_features(records, last=None):
+    """Per user: the share of each genre and of each star level over the (last `last`) history events, and
+    their number. -> (X (N, G + 6), genres)."""
+    split = [[e["text"].split(" | ") for e in r["events"][-last if last else 0:]] for r in records]
+    genres = sorted({g for events in split for _, gs, _ in events for g in gs.split(", ")})
+    X = [[0.0] * (len(genres) + 6) for _ in records]  # genre shares, 5 star-level shares, number of events
+    for x, events in zip(X, split):
+        for _, gs, stars in events:
+            for g in gs.split(", "):
+                x[genres.index(g)] += 1 / len(events)
+            x[len(genres) + int(stars.split()[0]) - 1] += 1 / len(events)
+        x[-1] = len(events)
+    return X, genres
+
+
+def histogram_baseline(probe_path, last=None):
+    """A plain reference for the probe table: histogram_features probed like an embedding (probe.py). The
+    encoder sees only the events that fit --max-len tokens, so compare at the same `last`.
+    -> probe_tasks' dict, mean AUC, its bootstrap standard error."""
+    import probe  # NumPy; the converter itself needs the standard library only
+    with open(probe_path, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f]
+    X, _ = histogram_features(recs, last)
+    scores = {}
+    tasks = probe.probe_tasks(X, [r["user_id"] for r in recs], [r["labels"] for r in recs], scores_out=scores)
+    return tasks, probe.mean_auc(tasks), float(probe.bootstrap_mean_auc([scores])[:, 0].std(ddof=1))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--wheel", help="recbole-1.2.1-py3-none-any.whl (read with zipfile, not installed)")
     src.add_argument("--dir", help="folder with ml-100k.inter/.item/.user or GroupLens u.data/u.item/u.user")
+    src.add_argument("--baseline", help="a probe.jsonl written here: probe the genre/star histogram baseline instead")
     ap.add_argument("--out", default="cache/movielens", help="writes OUT/train.jsonl and OUT/probe.jsonl")
     ap.add_argument("--future-window", type=int, default=5, help="held-out ratings that make the future (0: all)")
+    ap.add_argument("--last", type=int, default=None, help="--baseline: use each user's last N events only")
     a = ap.parse_args(argv)
+    if a.baseline:
+        _, mean, se = histogram_baseline(a.baseline, a.last)
+        print(f"genre/star histogram, logistic-regression probe: mean AUC {mean:.4f} ± {se:.4f}")
+        return mean
     if a.future_window < 0:
         ap.error("--future-window must be >= 0")
     items, users, ratings = load(*read_sources(a.wheel, a.dir))

@@ -213,3 +213,13 @@ def test_real_wheel(tmp_path):
     train, _ = data.load_records(os.path.join(out, "train.jsonl"), require=("answer",))
     probe, _ = data.load_records(os.path.join(out, "probe.jsonl"), require=("labels",))
     assert len(train) == len(probe) == 943 and max(len(r["events"]) for r in train) == 60
+
+
+def test_histogram_features_by_hand():
+    recs = [{"events": [{"text": "A (1990) | Drama, War | 4 stars"}, {"text": "B (1991) | Drama | 1 star"},
+                        {"text": "C (1992) | Comedy | 5 stars"}]}]
+    X, genres = movielens.histogram_features(recs)
+    assert genres == ["Comedy", "Drama", "War"]
+    assert X[0] == pytest.approx([1 / 3, 2 / 3, 1 / 3, 1 / 3, 0, 0, 1 / 3, 1 / 3, 3])
+    X, genres = movielens.histogram_features(recs, last=2)  # the last two events only
+    assert genres == ["Comedy", "Drama"] and X[0] == pytest.approx([0.5, 0.5, 0.5, 0, 0, 0, 0.5, 2])

@@ -192,13 +192,14 @@ def test_split_users_stable_and_fraction():
     rng.shuffle(perm)
     shuffled = split_users([ids[i] for i in perm], test_frac=0.2)
     assert np.array_equal(shuffled, is_test[perm]), "split changed when the users were reordered"
-    assert np.array_equal(split_users(ids[100:200]), is_test[100:200]), "split changed on a subset"
+    assert np.array_equal(split_users(ids[100:200], test_frac=0.2), is_test[100:200]), "split changed on a subset"
     # the documented rule, written out independently
     ref = [int.from_bytes(hashlib.sha256(f"probe:{u}".encode()).digest()[:8], "big") / 2**64 < 0.2 for u in ids[:50]]
     assert is_test[:50].tolist() == ref
     other = split_users(ids, test_frac=0.2, salt="other")
     assert (other != is_test).mean() > 0.2
     assert abs(split_users(ids, test_frac=0.5).mean() - 0.5) < 0.03
+    assert np.array_equal(split_users(ids), split_users(ids, test_frac=probe.TEST_FRAC)) and probe.TEST_FRAC == 0.5
     with pytest.raises(ValueError, match="test_frac"):
         split_users(ids, test_frac=1.0)
 
