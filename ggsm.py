@@ -461,8 +461,8 @@ class Bidirectional(Strategy):
 
 
 class Scheduler(Strategy):
-    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = the batch's length;
-    causal at t = 0, bidirectional from T_total on and at inference."""
+    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = the padded length of the
+    batch (in train.py: of the micro-batch chunk); causal at t = 0, bidirectional from T_total on and at inference."""
 
     def window_delta(self, step, L):
         return (L * min(step, self.total_steps)) // self.total_steps  # integer floor, exact

@@ -415,8 +415,9 @@ def bootstrap_mean_auc(score_sets, n_boot=1000, seed=0):
     out = np.empty((n_boot, len(score_sets)))
     with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a class gives nan, skipped
         for b in range(n_boot):
-            weights = np.bincount(users[rng.integers(len(users), size=len(users))], minlength=int(users.max()) + 1)
-            out[b] = [np.nanmean([f(weights.astype(np.float64)) for f in row]) for row in aucs]
+            drawn = users[rng.integers(len(users), size=len(users))]
+            weights = np.bincount(drawn, minlength=int(users.max()) + 1).astype(np.float64)  # times each user was drawn
+            out[b] = [np.nanmean([f(weights) for f in row]) for row in aucs]
     return out
 
 
