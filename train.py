@@ -155,10 +155,16 @@ def micro_indices(n_users, step, batch_size, micro, world, rank, m, seed):
     return perm[start:start + micro].tolist()
 
 
+def length_chunks(idx, lengths, chunks):
+    """The indices idx sorted by lengths[i] and cut into at most `chunks` non-empty parts: each part, padded to
+    its own longest, wastes less than the whole padded to the longest of all."""
+    idx = sorted(idx, key=lambda i: lengths[i])
+    return [part.tolist() for part in np.array_split(np.asarray(idx, dtype=np.int64), chunks) if len(part)]
+
+
 def micro_batch(dataset, idx, chunks, device):
-    """The users idx sorted by length and cut into `chunks` parts, each collated (padded to its own longest)."""
-    idx = sorted(idx, key=lambda i: dataset.lengths[i])
-    return [data.collate([dataset[i] for i in part]).to(device) for part in np.array_split(idx, chunks) if len(part)]
+    """The users idx as length_chunks, each collated (padded to its own longest)."""
+    return [data.collate([dataset[i] for i in part]).to(device) for part in length_chunks(idx, dataset.lengths, chunks)]
 
 
 def lr_at(step, args):
@@ -351,19 +357,18 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
         bos_token_id=None, eos_token_id=template.eos_id)
     dec = model.Decoder(cfg).to(device)
     seqs = [template.encode_user(r)["input_ids"] for r in records]  # one LM sequence per user: history + query + <USER>
+    lengths = [len(s) for s in seqs]
     opt = torch.optim.AdamW(dec.parameters(), lr=args.tiny_lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng = np.random.default_rng(args.seed)
     first = last = None
     for step in range(args.tiny_steps):
-        idx = sorted(rng.choice(len(seqs), size=min(args.tiny_batch, len(seqs)), replace=False), key=lambda i: len(seqs[i]))
-        n_targets = sum(len(seqs[i]) - 1 for i in idx)
+        idx = rng.choice(len(seqs), size=min(args.tiny_batch, len(seqs)), replace=False)
+        n_targets = sum(lengths[i] - 1 for i in idx)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         # length-sorted chunks, each padded to its own longest: the mean over all the batch's target tokens is
         # the sum of the chunks' sums / n_targets, so the gradient is the one of a single padded batch
-        for part in np.array_split(np.asarray(idx), args.chunks):
-            if not len(part):
-                continue
+        for part in length_chunks(idx, lengths, args.chunks):
             ids, am = data.pad([seqs[i] for i in part], template.pad_id)
             ids, am = ids.to(device), am.to(device)
             hidden = dec(input_ids=ids, mask=ggsm.causal_mask(am, torch.float32))
@@ -533,14 +538,19 @@ def start_metrics(path, start):
             f.writelines(kept)
 
 
+def is_log_step(args, step):
+    return step % args.log_every == 0 or step + 1 == args.steps
+
+
 def log_step(args, step, out, lr, strategy, meter, world, log):
-    """The progress bar on a terminal, and every --log-every steps a metrics.jsonl line and a log line."""
+    """The progress bar on a terminal, and every --log-every steps a metrics.jsonl line and a log line (out then
+    holds the collapse diagnostics: train_step is given them on these steps only)."""
     done = step + 1
     meter["tokens"] += out["tokens"]
     if sys.stderr.isatty():  # the log lines go to stdout
         bar = "#" * (30 * done // args.steps)
         print(f"\r[{bar:<30}] {done}/{args.steps} loss {out['loss']:.4f}\033[K", end="", file=sys.stderr, flush=True)
-    if step % args.log_every and done != args.steps:
+    if not is_log_step(args, step):
         return
     dt = time.time() - meter["t"]
     rec = {"step": step, "lr": lr, "phase": strategy.phase(step), "tokens_per_s": meter["tokens"] * world / max(dt, 1e-9)}
@@ -605,8 +615,8 @@ def main(argv=None):
             g["lr"] = lr
         batches = [micro_batch(train_set, micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, m,
                                                         args.seed), args.chunks, device) for m in range(accum)]
-        out = train_step(model_ddp, strategy, opt, batches, step, loss_fn, args.clip, rank, world, autocast,
-                         diagnose=partial(ggsm.batch_diagnostics, margin=args.margin))
+        diagnose = partial(ggsm.batch_diagnostics, margin=args.margin) if is_log_step(args, step) else None  # an SVD
+        out = train_step(model_ddp, strategy, opt, batches, step, loss_fn, args.clip, rank, world, autocast, diagnose)
         if not math.isfinite(out["loss"]):
             log(f"error: non-finite loss {out['loss']} at step {step}; stopping. The last good checkpoint in {args.out} is kept.")
             shutdown(ddp)
