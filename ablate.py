@@ -92,8 +92,7 @@ def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    return [rec for _, rec in data.read_jsonl(path)]  # a damaged line is named by file:line
 
 
 def summarise(results, strategies, seeds):

@@ -101,9 +101,10 @@ def _parse_time(t, where):
     raise ValueError(f"{where}: expected a number or an ISO-8601 string, got {type(t).__name__}")
 
 
-def validate_record(rec, vector_dims, require=()):
+def validate_record(rec, vector_dims, require=(), modalities=None):
     """Checks one parsed record in place and normalises it (time -> float, labels -> int).
     `vector_dims` (modality -> length) is updated with the first length seen per modality.
+    modalities: the only modality names accepted (those of a trained encoder), or None for any.
     Raises ValueError('field: problem'); the caller prefixes file:line."""
     if not isinstance(rec, dict):
         raise ValueError(f"record: expected a JSON object, got {type(rec).__name__}")
@@ -125,6 +126,8 @@ def validate_record(rec, vector_dims, require=()):
         m = ev.get("modality")
         if not isinstance(m, str) or not m.strip():
             raise ValueError(f"{w}.modality: expected a non-empty string, got {m!r}")
+        if modalities is not None and m not in modalities:
+            raise ValueError(f"{w}.modality: {m!r} is not one of the encoder's modalities {list(modalities)}")
         if "time" in ev and ev["time"] is not None:
             ev["time"] = _parse_time(ev["time"], f"{w}.time")
         has_text, has_vec = ev.get("text") is not None, ev.get("vector") is not None
@@ -168,24 +171,59 @@ def validate_record(rec, vector_dims, require=()):
     return rec
 
 
-def iter_records(path, skip_bad=False, report=None, require=()):
+def decode_line(raw, lineno):
+    """One line of a JSONL file (bytes) -> str. The file is decoded line by line, not as a whole, so a byte that
+    is not UTF-8 is reported at its line (and --skip-bad can skip just that line). A UTF-8 byte-order mark at
+    the start of the file is dropped. Raises ValueError('not UTF-8 ...'); the caller prefixes file:line."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line "
+                         f"({e.reason})") from None
+
+
+def read_jsonl(path):
+    """Yields (line number, parsed JSON value) for every non-blank line of a JSONL file. Any line that is not
+    UTF-8 or not JSON raises ValueError('file:line: ...'). For files this project writes itself (metrics.jsonl);
+    user records go through iter_records, which also validates them."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = decode_line(raw, lineno)
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            yield lineno, value
+
+
+def iter_records(path, skip_bad=False, report=None, require=(), modalities=None):
     """Streams validated records from a JSONL file, one line at a time. Blank lines are ignored.
-    A bad line raises ValueError('file:line: field: problem'), or with skip_bad=True is counted in
-    `report` (a LoadReport, created if None) whose summary goes to stderr at the end.
+    A bad line (not UTF-8, not JSON, or an invalid record) raises ValueError('file:line: field: problem'), or
+    with skip_bad=True is counted in `report` (a LoadReport, created if None) whose summary goes to stderr
+    at the end. Vector lengths are checked against report.vector_dims, so a report created with an encoder's
+    vector_dims checks them against the encoder's; modalities: the only modality names accepted (None: any).
     Records without a user_id get '<file>:<line>'."""
     report = LoadReport(path=str(path)) if report is None else report
     report.path = str(path)
     name = str(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes: decoded line by line (decode_line)
+        for lineno, raw in enumerate(f, start=1):
             try:
+                line = decode_line(raw, lineno)
+                if not line.strip():
+                    continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-                validate_record(rec, report.vector_dims, require)
+                validate_record(rec, report.vector_dims, require, modalities)
             except ValueError as e:
                 msg = f"{name}:{lineno}: {e}"
                 if not skip_bad:
@@ -203,11 +241,13 @@ def iter_records(path, skip_bad=False, report=None, require=()):
         print(f"warning: {report}", file=sys.stderr)
 
 
-def load_records(path, skip_bad=False, require=()):
+def load_records(path, skip_bad=False, require=(), vector_dims=None, modalities=None):
     """All records of a file (one streaming pass) and the LoadReport. require: ('answer',) to
-    train, ('labels',) to probe."""
-    report = LoadReport(path=str(path))
-    records = list(iter_records(path, skip_bad=skip_bad, report=report, require=tuple(require)))
+    train, ('labels',) to probe. vector_dims, modalities: those of a trained encoder, to check the
+    records against it (a mismatch names file:line); None: the file sets them."""
+    report = LoadReport(path=str(path), vector_dims=dict(vector_dims or {}))
+    records = list(iter_records(path, skip_bad=skip_bad, report=report, require=tuple(require),
+                                modalities=modalities))
     if not records:
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
     return records, report

@@ -177,9 +177,9 @@ def histogram_baseline(probe_path, last=None):
     """A plain reference for the probe table: histogram_features probed like an embedding (probe.py). The
     encoder sees only the events that fit --max-len tokens, so compare at the same `last`.
     -> probe_tasks' dict, mean AUC, its bootstrap standard error."""
-    import probe  # NumPy; the converter itself needs the standard library only
-    with open(probe_path, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f]
+    import data  # the converter itself needs the standard library only
+    import probe  # NumPy
+    recs = [rec for _, rec in data.read_jsonl(probe_path)]  # a bad line is named by file:line
     X, _ = histogram_features(recs, last)
     scores = {}
     tasks = probe.probe_tasks(X, [r["user_id"] for r in recs], [r["labels"] for r in recs], scores_out=scores)

@@ -532,10 +532,9 @@ def write_checkpoint(args, step, spec, towers, strategy, opt, named, n_users, wo
 def start_metrics(path, start):
     """A fresh run starts a new log; a resumed one keeps what was logged before its checkpoint's step."""
     if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] < start]
+        kept = [rec for _, rec in data.read_jsonl(path) if rec["step"] < start]  # a damaged line is named by file:line
         with open(path, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(rec) + "\n" for rec in kept)  # as log_step wrote them
 
 
 def is_log_step(args, step):

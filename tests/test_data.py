@@ -145,6 +145,38 @@ def test_iter_records_streams(tmp_path):
         next(it)
 
 
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, capsys):
+    """A byte that is not UTF-8 is reported at its line (the file is decoded line by line), --skip-bad skips
+    that line only; a byte-order mark at the start of the file is accepted."""
+    good = json.dumps(GOOD).encode()
+    bad = json.dumps(dict(GOOD, user_id="u2")).encode().replace(b"grocery", b"groc\xffery")
+    path = tmp_path / "users.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n\n" + bad + b"\n" + good.replace(b"u1", b"u3") + b"\n")
+    with pytest.raises(ValueError) as e:
+        data.load_records(str(path))
+    assert str(e.value).startswith(f"{path}:3: not UTF-8 text: byte 0xff at byte "), str(e.value)
+    offset = bad.index(b"\xff") + 1
+    assert f"byte 0xff at byte {offset} of the line" in str(e.value)
+    records, report = data.load_records(str(path), skip_bad=True)
+    assert [r["user_id"] for r in records] == ["u1", "u3"] and report.n_bad == 1
+    assert report.reasons[0].startswith(f"{path}:3: not UTF-8 text")
+    assert "1 bad lines skipped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"{path}:3: not UTF-8 text"):  # the plain JSONL reader too
+        list(data.read_jsonl(str(path)))
+    assert [n for n, _ in data.read_jsonl(write_lines(tmp_path, [GOOD, "", GOOD], "ok.jsonl"))] == [1, 3]
+    with pytest.raises(ValueError, match=r"ok2.jsonl:2: invalid JSON"):
+        list(data.read_jsonl(write_lines(tmp_path, [GOOD, "{"], "ok2.jsonl")))
+
+
+def test_records_checked_against_an_encoders_modalities_and_vector_dims(tmp_path):
+    path = write_lines(tmp_path, [GOOD, with_event({"modality": "app", "text": "x"})])
+    with pytest.raises(ValueError, match=r"users.jsonl:2: events\[2\].modality: 'app' is not one of the encoder's "
+                                         r"modalities \['bill', 'tabular'\]"):
+        data.load_records(path, modalities=["bill", "tabular"])
+    with pytest.raises(ValueError, match=r"users.jsonl:1: events\[1\].vector: length 3, but modality 'tabular' has 4"):
+        data.load_records(path, vector_dims={"tabular": 4})
+
+
 # -----------------------------------------------------------------------------
 # template
 
