@@ -453,6 +453,17 @@ def load_embeddings(path):
     return E, user_ids, meta
 
 
+def progress(done, total, text, stream=None):
+    """Progress of `done` of `total` items. On a terminal: one line rewritten in place ('\\r'; the caller ends it
+    with a newline). Anywhere else (a log file, a pipe), '\\r' would join every update into one long line, so a
+    plain line is printed at the first item, at each quarter and at the last one instead."""
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        print(f"\r{text}\033[K", end="", file=stream, flush=True)
+    elif total is None or done in {1, total} | {math.ceil(total * q / 4) for q in (1, 2, 3)}:
+        print(text, file=stream, flush=True)
+
+
 def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     """Embed users with the frozen encoder, without gradients, in eval mode.
     batches: iterable of data.Side (or data.Batch, whose .user side is used).
@@ -473,11 +484,11 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
                               vectors=side.vectors, vector_pos=side.vector_pos)
                 out.append(emb.float().cpu().numpy())
                 n_users = sum(len(e) for e in out)
-                print(f"\rembedding: batch {i + 1}/{total if total is not None else '?'}, {n_users} users",
-                      end="", file=sys.stderr, flush=True)
+                progress(i + 1, total, f"embedding: batch {i + 1}/{total if total is not None else '?'}, {n_users} users")
     finally:
         encoder.train(was_training)
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the line progress() rewrote in place
     if not out:
         raise ValueError("embed_users: no batches")
     return np.concatenate(out, axis=0)

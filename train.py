@@ -542,13 +542,12 @@ def is_log_step(args, step):
 
 
 def log_step(args, step, out, lr, strategy, meter, world, log):
-    """The progress bar on a terminal, and every --log-every steps a metrics.jsonl line and a log line (out then
+    """The progress bar (on a terminal; off one, a line at each quarter of the run), and every --log-every steps a metrics.jsonl line and a log line (out then
     holds the collapse diagnostics: train_step is given them on these steps only)."""
     done = step + 1
     meter["tokens"] += out["tokens"]
-    if sys.stderr.isatty():  # the log lines go to stdout
-        bar = "#" * (30 * done // args.steps)
-        print(f"\r[{bar:<30}] {done}/{args.steps} loss {out['loss']:.4f}\033[K", end="", file=sys.stderr, flush=True)
+    bar = "#" * (30 * done // args.steps)  # on stderr: the log lines go to stdout
+    probe.progress(done, args.steps, f"[{bar:<30}] {done}/{args.steps} loss {out['loss']:.4f}")
     if not is_log_step(args, step):
         return
     dt = time.time() - meter["t"]

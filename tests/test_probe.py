@@ -363,6 +363,40 @@ def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strate
 
 
 
+class _Stream:
+    """A text stream that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_a_few_lines_off_a_terminal(tiny_encoder_and_users, capsys):
+    off, on = _Stream(False), _Stream(True)
+    for done in range(1, 16):
+        probe.progress(done, 15, f"embedding: batch {done}/15", stream=off)
+        probe.progress(done, 15, f"embedding: batch {done}/15", stream=on)
+    assert "\r" not in off.text
+    assert off.text.splitlines() == [f"embedding: batch {k}/15" for k in (1, 4, 8, 12, 15)]
+    assert on.text.count("\r") == 15 and "\n" not in on.text  # in place on a terminal, as before
+    # embed_users under pytest's capture (not a terminal): whole lines, one per milestone
+    import data
+    encoder, ds = tiny_encoder_and_users
+    batches = [data.collate([ds[i]]) for i in range(len(ds))]  # 8 users, one per batch
+    capsys.readouterr()
+    probe.embed_users(encoder, batches, None, "cpu")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [f"embedding: batch {k}/8, {k} users" for k in (1, 2, 4, 6, 8)], err
+
+
 # ---------------------------------------------------------------- standard errors by bootstrap over test users
 
 def test_weighted_auc_matches_sklearn_sample_weight():

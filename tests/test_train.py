@@ -297,6 +297,8 @@ def test_metrics_carry_diagnostics_and_a_collapse_warns(tmp_path, capsys):
         train.log_step(args, step, out, 1e-3, strategy, {"t": 0.0, "tokens": 0}, 1, lambda m: None)
         err = capsys.readouterr().err
         assert ("collapsing" in err) == (step > 0), err
+        # stderr is not a terminal here: the progress bar is a plain line (4 steps: every step is a quarter)
+        assert "\r" not in err and f"] {step + 1}/4 loss 1.0000\n" in err, err
         if step == 1:
             assert "effective rank 1.00" in err and "ln N = 3.466" in err  # --batch-size 32
     with open(tmp_path / "metrics.jsonl") as f:
