@@ -28,11 +28,13 @@ Protocol (the paper leaves the probe unspecified; these are our fixed choices):
 References: arXiv 2602.10622 (Table 2, linear probing, ROC-AUC); Mann & Whitney (1947) for the rank
 form of the AUC; Boyd & Vandenberghe, Convex Optimization §9.5 (damped Newton, Newton decrement).
 
-Command lines:
+Command lines (and from Python: probe.encode(checkpoint_dir, records) -> (N, E) user embeddings):
     python probe.py --checkpoint RUN_DIR/checkpoint --data probe.jsonl --out probe.json
+    python probe.py --checkpoint RUN_DIR/checkpoint --export-peft OUT    # or --export-merged OUT (export.py)
     python bench.py probe --n 20000 --d 256            # fit time against scikit-learn
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -599,6 +601,51 @@ def embed_records(encoder, template, strategy, records, device, batch_size=64):
     return out
 
 
+def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
+    """User embeddings of a trained encoder: (N, E) float32 NumPy, row i = record i (file order), each row
+    L2-normalised, computed under the strategy's inference mask; the numbers `probe.py --export` writes.
+
+        import probe
+        E = probe.encode("runs/default/checkpoint", "users.jsonl")                      # (N, E)
+        E = probe.encode("runs/default/checkpoint", [{"events": [{"modality": "bill", "text": "gym 80"}]}])
+
+    checkpoint_dir: a run's checkpoint/ folder (train.py). records: a JSONL path, or a list of record dicts
+    (the record of data.py; neither `answer` nor `labels` is needed, `user_id` is optional). A record the encoder
+    cannot read (a modality it was not trained on, a vector of another length) is an error naming
+    file:line (or records[i]); skip_bad=True skips such lines of a file instead (reported on stderr), so the
+    rows then follow the records kept. device: a torch device (default: cuda when available, else cpu)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
+        raise FileNotFoundError(f"encode: {checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
+    encoder, template, strategy, state = load_checkpoint(checkpoint_dir, device)
+    model.merge_lora(encoder)  # W + (alpha / r) B A once, as probe.py --checkpoint: the same function, cheaper
+    spec = state["spec"]
+    if isinstance(records, (str, os.PathLike)):
+        path = os.fspath(records)
+        records, report = data.load_records(path, skip_bad=skip_bad, vector_dims=spec.vector_dims,
+                                            modalities=spec.modalities)
+        where = path
+    else:
+        checked, dims = [], dict(spec.vector_dims)
+        for i, rec in enumerate(records):
+            rec = copy.deepcopy(rec)  # validate_record normalises in place; the caller's dicts stay as given
+            try:
+                data.validate_record(rec, dims, modalities=spec.modalities)
+            except ValueError as e:
+                raise ValueError(f"records[{i}]: {e}") from None
+            rec["user_id"] = str(rec["user_id"]) if rec.get("user_id") is not None else f"records[{i}]"
+            checked.append(rec)
+        if not checked:
+            raise ValueError("encode: no records")
+        records, where = checked, "records"
+        report = data.LoadReport(vector_dims=dims)
+    unknown = sorted(set(report.vector_dims) - set(spec.vector_dims))
+    if unknown:  # a modality the encoder knows as text only, given vectors here: it has no adapter for them
+        raise ValueError(f"encode: {where}: modalities {unknown} carry vectors, but the encoder has adapters for "
+                         f"{sorted(spec.vector_dims)} only")
+    return embed_records(encoder, template, strategy, records, device, batch_size)
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
@@ -678,9 +725,13 @@ def main(argv=None):
     src.add_argument("--checkpoint", help="a run's checkpoint/ folder (train.py)")
     src.add_argument("--model", help="an untrained HF folder: the Oracle row (causal mask, no LoRA)")
     src.add_argument("--embeddings", help="a .safetensors file written by --export: probe without re-embedding")
-    p.add_argument("--data", required=True, help="labelled users (JSONL with 'labels')")
+    p.add_argument("--data", default=None, help="labelled users (JSONL with 'labels'); needed unless only exporting")
     p.add_argument("--out", default=None, help="probe.json to write")
     p.add_argument("--export", default=None, help="also write the embeddings (with user ids) to this .safetensors")
+    p.add_argument("--export-peft", default=None, metavar="OUT",
+                   help="with --checkpoint: write a PEFT LoRA adapter folder (export.py)")
+    p.add_argument("--export-merged", default=None, metavar="OUT",
+                   help="with --checkpoint: write a Hugging Face folder with the LoRA merged (export.py)")
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
@@ -689,6 +740,23 @@ def main(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
+    if args.export_peft or args.export_merged:
+        if not args.checkpoint:
+            sys.exit("error: --export-peft / --export-merged need --checkpoint")
+        if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
+            sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
+        import export  # export.py imports this file: imported here, not at the top
+        for out, write in ((args.export_peft, export.export_peft), (args.export_merged, export.export_merged)):
+            if out:
+                try:
+                    desc = write(args.checkpoint, out)
+                except ValueError as e:
+                    sys.exit(f"error: {e}")
+                print(f"wrote {out} ({desc['load']['how']})", file=sys.stderr)
+        if args.data is None:
+            return None
+    if args.data is None:
+        sys.exit("error: --data is required (labelled JSONL), unless only exporting with --export-peft / --export-merged")
     if not os.path.isfile(args.data):
         sys.exit(f"error: --data {args.data}: no such file")
     try:
