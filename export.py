@@ -115,7 +115,16 @@ def describe(encoder, template, spec, kind, loading):
     else:
         mask = f"table: bias[i, j] = mask.bias[i, j] (user_encoder.safetensors) for a batch padded to L <= " \
                f"{spec.max_len}, taking mask.bias[:L, :L]; {blocked}"
-    out = {
+    vectors = {}
+    for m, f in spec.vector_dims.items():
+        hidden = encoder.adapters[m].fc1.out_features
+        vectors[m] = {"in_features": f, "placeholder": data.VEC_TOKEN,
+                      "adapter": f"LayerNorm({f}, eps={encoder.adapters[m].norm.eps}) -> Linear({f}, {hidden}) -> GELU "
+                                 f"(erf) -> Linear({hidden}, {D}), tensors adapters.{m}.*",
+                      "use": "inputs_embeds = input embeddings of the ids; the k-th placeholder of the row in this "
+                             "modality's block is replaced by adapter(k-th vector of that block); then "
+                             "model(inputs_embeds=..., attention_mask=...)"}
+    return {
         "format": "GG-SM user encoder (arXiv 2602.10622), exported by export.py",
         "load": loading,
         "strategy": spec.mask,
@@ -128,13 +137,7 @@ def describe(encoder, template, spec, kind, loading):
         },
         "attention_mask": {"rule": mask, "shape": "(B, 1, L, L), additive (0 = attend), in the model's dtype, passed "
                                                   "as attention_mask", "kind": kind},
-        "vectors": {m: {"in_features": f, "placeholder": data.VEC_TOKEN,
-                        "adapter": f"LayerNorm({f}, eps={a.norm.eps}) -> Linear({f}, {a.fc1.out_features}) -> GELU "
-                                   f"(erf) -> Linear({a.fc1.out_features}, {D}), tensors adapters.{m}.*",
-                        "use": "inputs_embeds = input embeddings of the ids; the k-th placeholder of the row in this "
-                               "modality's block is replaced by adapter(k-th vector of that block); then "
-                               "model(inputs_embeds=..., attention_mask=...)"}
-                    for m, f, a in ((m, f, encoder.adapters[m]) for m, f in spec.vector_dims.items())},
+        "vectors": vectors,
         "pooling": ("token: the last hidden state (after the final norm) at <USER>, the row's last real token"
                     if spec.pooling == "token" else "mean: of the last hidden states over the real tokens"),
         "projector": None if encoder.projector is None else
@@ -144,13 +147,16 @@ def describe(encoder, template, spec, kind, loading):
         f"e = (e - standardize.user.running_mean) / sqrt(standardize.user.running_var + {encoder.standardize['user'].eps})",
         "normalize": "e / ||e||_2",
     }
-    return out
 
 
 def write_folder(out, files):
     """Write every file of `files` (name -> callable(path)) into out.tmp, then swap it in for `out` (the previous
     folder survives as out.old until the new one is in place): a crash leaves no half-written export."""
     out = os.path.normpath(out)
+    # never replace a folder this function did not write (a typo could name the base model's folder)
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or
+                                                            os.path.isfile(os.path.join(out, "user_encoder.json")))):
+        raise ValueError(f"{out} exists and is not an earlier export (no user_encoder.json); choose a new folder")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -63,6 +63,8 @@ def runs(tmp_path_factory):
         run_dir = str(root / f"run-{name}")
         train.main(["--model", base, "--data", train_path, "--out", run_dir] + COMMON + extra)
         out[name] = os.path.join(run_dir, "checkpoint")
+    train.main(["--model", tiny, "--data", train_path, "--out", str(root / "run-mlp"), "--mask", "hybrid_mlp"] + COMMON)
+    out["mlp"] = str(root / "run-mlp" / "checkpoint")
     out["probe"], out["root"] = probe_path, root
     return out
 
@@ -309,3 +311,17 @@ def test_export_errors(runs, tmp_path):
         probe.main(["--checkpoint", str(tmp_path), "--export-merged", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="--data is required"):
         probe.main(["--checkpoint", runs["tiny"]])
+    # a folder that is not an earlier export is never replaced (here: the base model's own folder)
+    base = str(runs["root"] / "tiny")
+    before = sorted(os.listdir(base))
+    with pytest.raises(SystemExit, match="exists and is not an earlier export"):
+        probe.main(["--checkpoint", runs["tiny"], "--export-merged", base])
+    assert sorted(os.listdir(base)) == before
+    # an earlier export is replaced whole
+    out = str(tmp_path / "adapter")
+    probe.main(["--checkpoint", runs["tiny"], "--export-peft", out])
+    open(os.path.join(out, "stale.txt"), "w").close()
+    probe.main(["--checkpoint", runs["tiny"], "--export-peft", out])
+    assert "stale.txt" not in os.listdir(out) and sorted(os.listdir(tmp_path)) == ["adapter"]
+    with pytest.raises(SystemExit, match="computed in every layer"):  # hybrid_mlp: refused with the reason
+        probe.main(["--checkpoint", runs["mlp"], "--export-peft", str(tmp_path / "mlp")])
