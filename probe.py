@@ -458,7 +458,8 @@ def load_embeddings(path):
 def progress(done, total, text, stream=None):
     """Progress of `done` of `total` items. On a terminal: one line rewritten in place ('\\r'; the caller ends it
     with a newline). Anywhere else (a log file, a pipe), '\\r' would join every update into one long line, so a
-    plain line is printed at the first item, at each quarter and at the last one instead."""
+    plain line is printed at the first item, at each quarter and at the last one instead (every item when the
+    total is unknown)."""
     stream = sys.stderr if stream is None else stream
     if stream.isatty():
         print(f"\r{text}\033[K", end="", file=stream, flush=True)
