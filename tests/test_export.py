@@ -201,7 +201,8 @@ def test_peft_adapter_gives_our_hidden_states(runs, which, tmp_path):
         cfg = json.load(f)
     with open(os.path.join(out, "user_encoder.json")) as f:
         desc = json.load(f)
-    state = json.load(open(os.path.join(ckpt, "state.json")))
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
     assert cfg["base_model_name_or_path"] == state["spec"]["base_model"]
     assert set(cfg["target_modules"]) == set(state["spec"]["lora"]["targets"])
@@ -273,14 +274,21 @@ def test_merged_folder_loads_alike_in_transformers_and_here(runs, which, tmp_pat
     ours = model.Decoder.from_pretrained(out)
     hf = transformers.AutoModel.from_pretrained(out, dtype=torch.float32).eval()
     records = data.load_records(runs["probe"])[0][:6]
-    enc_h, enc_e, side, template, enc_mask = our_side(ckpt, records)
-    V = ours.config.vocab_size
-    assert V == max([json.load(open(os.path.join(json.load(open(os.path.join(ckpt, "state.json")))["spec"]["base_model"],
-                                                   "config.json")))["vocab_size"]] + [i + 1 for i in template.special_token_ids])
+    enc_h, enc_e, side, template, _ = our_side(ckpt, records)
+    with open(os.path.join(ckpt, "state.json")) as f:
+        base_model = json.load(f)["spec"]["base_model"]
+    V, V_base = ours.config.vocab_size, model.ModelConfig.from_hf_config(base_model).vocab_size
+    assert V == max([V_base] + [i + 1 for i in template.special_token_ids])  # grown only where the ids need it
+    assert (V > V_base) == (which == "grown")
+    if which == "grown":  # an untied head: the new ids' output rows are zero, the others the base's
+        assert not ours.config.tie_word_embeddings and ours.lm_head.weight[V_base:].abs().max() == 0
+        base_head = load_file(os.path.join(base_model, "model.safetensors"))["lm_head.weight"]
+        assert torch.equal(ours.lm_head.weight[:V_base], base_head)
     # the folder's own tokenizer and template give the same ids without adding a token
     t2 = data.Template(out, template.modalities, template.vector_dims, max_len=template.max_len,
                        global_token=template.global_token)
-    assert t2.special_token_ids == template.special_token_ids and t2.tokenizer.get_vocab_size() == template.tokenizer.get_vocab_size()
+    assert t2.special_token_ids == template.special_token_ids
+    assert t2.tokenizer.get_vocab_size() == template.tokenizer.get_vocab_size()
     # transformers and model.Decoder on the folder: random ids over the whole vocabulary, padded, three masks
     g = torch.Generator().manual_seed(0)
     am = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
@@ -294,7 +302,8 @@ def test_merged_folder_loads_alike_in_transformers_and_here(runs, which, tmp_pat
             assert d <= TOL, f"{which}: merged folder, model.Decoder vs transformers: max |diff| {d:.2e}"
     # and the merged decoder is the trained encoder's (LoRA merged, token rows in the embedding)
     head = load_file(os.path.join(out, "user_encoder.safetensors"))
-    desc = json.load(open(os.path.join(out, "user_encoder.json")))
+    with open(os.path.join(out, "user_encoder.json")) as f:
+        desc = json.load(f)
     with torch.no_grad():
         x = splice_vectors(desc, head, hf.get_input_embeddings()(side.input_ids), side)
         merged_h = hf(inputs_embeds=x, attention_mask=mask_from_description(desc, head, side.attention_mask)).last_hidden_state
