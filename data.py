@@ -191,16 +191,22 @@ def read_jsonl(path):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = decode_line(raw, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+                value = parse_line(raw, lineno)
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
-            yield lineno, value
+            if value is not None:
+                yield lineno, value
+
+
+def parse_line(raw, lineno):
+    """One JSONL line (bytes) -> its JSON value, or None for a blank line; ValueError when not UTF-8 or not JSON."""
+    line = decode_line(raw, lineno)
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def iter_records(path, skip_bad=False, report=None, require=(), modalities=None):
@@ -216,13 +222,9 @@ def iter_records(path, skip_bad=False, report=None, require=(), modalities=None)
     with open(path, "rb") as f:  # bytes: decoded line by line (decode_line)
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = decode_line(raw, lineno)
-                if not line.strip():
+                rec = parse_line(raw, lineno)
+                if rec is None:
                     continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
                 validate_record(rec, report.vector_dims, require, modalities)
             except ValueError as e:
                 msg = f"{name}:{lineno}: {e}"
