@@ -2,7 +2,7 @@
 Benchmarks (not tests): each section is a subcommand that prints a markdown table and can write JSON.
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
-    python bench.py train|embed|ggsm|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
+    python bench.py train|embed|ggsm|softmask|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
 LogisticRegression(solver="lbfgs") at the same C on the same standardised features (synthetic
@@ -13,7 +13,7 @@ all solvers alike; medians are reported. Also reported: held-out AUC of each fit
 each reaches (the same function for both), the largest coefficient difference, and the time of one full
 fit_probe (CV over probe.DEFAULT_CS x 5 folds, then the refit).
 
-train / embed / ggsm / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
+train / embed / ggsm / softmask / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
 the official GG-SM code (github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is
 written with transformers' save_pretrained(safe_serialization=True) (CPU default: hidden 512, 8 layers,
 8 heads, 2 KV heads, intermediate 1408, vocab 32000; --gpu-size: the Qwen2.5-0.5B shape, hidden 896,
@@ -35,6 +35,10 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
   ggsm     ours only: train.train_step in GG-SM's warm-up (capture of h_k at strategy.capture_layer,
            retain_grad, strategy.accumulate, strategy.end_step, mask rebuilt from the importance) against
            the same step under the bidirectional strategy. Target: <= 5% overhead.
+  softmask ours only, under bf16 autocast (CPU's when there is no GPU): the train step with GG-SM's soft mask
+           kept in fp32 (Decoder.forward does so because bf16 cannot hold the log-weights; attention then runs
+           in fp32) against the same mask rounded to bf16 first (bf16 attention, the weights erased): the cost
+           of keeping the weights.
   scaling  the train step at L = 128, 256, 512, 1024 (quick: 16, 32, 64) with B*L fixed (same tokens per
            step), so the growth is the attention's share.
   padding  "what a user of the official code pays": one epoch of the embedded synthetic benchmark
@@ -515,6 +519,28 @@ def section_ggsm(ctx):
     return out, rows
 
 
+def section_softmask(ctx):
+    """Ours only, under bf16 autocast (CUDA's on a GPU, CPU's otherwise): the contrastive step with GG-SM's soft
+    mask in fp32, which Decoder.forward keeps in fp32 because bf16 cannot hold its log-weights, so attention runs
+    in fp32; against the same mask rounded to bf16 first, attention in bf16 (what every step cost before, when
+    the rounding erased the weights). The difference is what keeping the soft weights costs."""
+    w = ctx["work"]["ggsm"]
+    batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
+    bf16 = ctx["autocast"] if ctx["device"].type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+    steps = {"fp32 mask": make_train_step(ctx["ours"], batch, torch.float32, bf16),
+             "bf16 mask": make_train_step(ctx["ours"], batch, torch.bfloat16, bf16)}
+    times = time_interleaved(steps, ctx["reps"], ctx["device"])
+    med = {k: median(v) for k, v in times.items()}
+    paired = [a / b - 1 for a, b in zip(times["fp32 mask"], times["bf16 mask"])]  # same round, same machine load
+    out = {"B": w["B"], "L": w["L"], "autocast": f"{ctx['device'].type} bf16", "times_s": times, "median_s": med,
+           "overhead": med["fp32 mask"] / med["bf16 mask"] - 1, "overhead_paired_median": median(paired)}
+    rows = [("softmask", f"step time under {out['autocast']} autocast, B={w['B']} L={w['L']}: soft mask kept in fp32 "
+                         "(fp32 attention) vs rounded to bf16 (ours only)",
+             f"{med['fp32 mask'] * 1e3:.0f} ms", f"{med['bf16 mask'] * 1e3:.0f} ms",
+             f"{out['overhead'] * 100:+.1f}% (paired {out['overhead_paired_median'] * 100:+.1f}%)", "")]
+    return out, rows
+
+
 def section_scaling(ctx):
     w = ctx["work"]["scaling"]
     points, rows = [], []
@@ -602,12 +628,12 @@ def section_padding(ctx):
     return out, rows
 
 
-SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "scaling": section_scaling,
-            "padding": section_padding}
+SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "softmask": section_softmask,
+            "scaling": section_scaling, "padding": section_padding}
 
 
 def bench_models(args):
-    """train | embed | ggsm | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
+    """train | embed | ggsm | softmask | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "quick" if args.quick else ("gpu" if args.gpu_size else "cpu")
     reps = args.reps or (2 if args.quick else 5)
@@ -698,6 +724,7 @@ def main(argv=None):
     helps = {"train": "contrastive training step: tokens/s and peak memory",
              "embed": "inference under the bidirectional mask: users/s",
              "ggsm": "GG-SM warm-up step overhead against a bidirectional step (ours only)",
+             "softmask": "under bf16 autocast: the soft mask kept in fp32 (fp32 attention) vs rounded to bf16 (ours only)",
              "scaling": "training step at growing sequence length",
              "padding": "one synthetic epoch: dynamic padding vs pad-everything-to-512 (official recipe)",
              "all": "every section above, one table"}

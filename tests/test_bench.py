@@ -90,7 +90,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["all", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["sections"] == ["train", "embed", "ggsm", "scaling", "padding"]
+    assert res["sections"] == ["train", "embed", "ggsm", "softmask", "scaling", "padding"]
     for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
                 "load_average_before", "load_average_after", "table"):
         assert key in res, key
@@ -105,6 +105,9 @@ def test_quick_all_writes_expected_json(tmp_path):
         for side in ("ours", "theirs"):
             assert r["memory"][side]["step_peak_mb"] > 0  # a training / inference step allocates something
     assert set(res["ggsm"]["median_s"]) == {"bidirectional", "ggsm"} and "overhead" in res["ggsm"]
+    sm = res["softmask"]
+    assert set(sm["median_s"]) == {"fp32 mask", "bf16 mask"} and all(len(v) == res["reps"] for v in sm["times_s"].values())
+    assert sm["overhead"] == pytest.approx(sm["median_s"]["fp32 mask"] / sm["median_s"]["bf16 mask"] - 1)
     assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
     pad = res["padding"]
     w = bench.WORK["padding"][1]
@@ -113,7 +116,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
     # padded keys are masked and positions are unchanged, so the padded epoch computes the same losses
     assert pad["max_loss_diff"] <= 1e-4
-    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "scaling", "padding"}
+    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "softmask", "scaling", "padding"}
 
 
 def test_probe_section_still_runs(tmp_path):
