@@ -569,7 +569,7 @@ def pad_side(side, L, pad_id):
     if extra < 0:
         raise ValueError(f"pad_side: a sequence of {side.input_ids.shape[1]} tokens is longer than the pad length {L}")
     return data.Side(F.pad(side.input_ids, (0, extra), value=pad_id), F.pad(side.attention_mask, (0, extra), value=0),
-                     side.pool_index, side.vectors, side.vector_pos)
+                     side.pool_index, side.vectors, side.vector_pos, side.history)
 
 
 def section_padding(ctx):

@@ -327,7 +327,9 @@ class Template:
         return out
 
     def encode_user(self, record):
-        """-> dict(input_ids, user_index, vector_pos {m: [col, ...]}, vectors {m: [[...], ...]}, n_cut)"""
+        """-> dict(input_ids, user_index, history (start, end), vector_pos {m: [col, ...]}, vectors {m: [[...], ...]},
+        n_cut). history: the user-history segment, from the first modality tag to the last closing tag, as the
+        half-open [start, end) (start = end when every event was cut); the hybrids relax causality there only."""
         who = f"user {record.get('user_id')}"
         events = record["events"]
         # recency key: timed events by time, then untimed events (newer) in file order
@@ -373,6 +375,7 @@ class Template:
         n_cut = len(events) - len(kept)
 
         ids = [self.global_id] if self.global_token else []
+        start = len(ids)  # the history segment opens with the first modality tag
         vector_pos, vectors = {}, {}
         for m in self.modalities:
             mine = sorted((i for i in kept if events[i]["modality"] == m), key=lambda i: keys[i])
@@ -387,9 +390,11 @@ class Template:
                     vectors.setdefault(m, []).append(events[i]["vector"])
                     ids.append(self.vec_id)
             ids.append(self.close_id[m])
+        history = (start, len(ids))  # [start, end): the blocks; the instruction, query and <USER> follow
         ids.extend(suffix)
         assert len(ids) == total, (len(ids), total)
-        return dict(input_ids=ids, user_index=len(ids) - 1, vector_pos=vector_pos, vectors=vectors, n_cut=n_cut)
+        return dict(input_ids=ids, user_index=len(ids) - 1, history=history, vector_pos=vector_pos, vectors=vectors,
+                    n_cut=n_cut)
 
     def encode_answer(self, record):
         """Answer text + EOS (pooled at EOS, App. A.3); long answers keep their beginning."""
@@ -414,7 +419,7 @@ class UserDataset(torch.utils.data.Dataset):
         for idx, rec in enumerate(records):
             u = template.encode_user(rec)
             ex = dict(index=idx, user_id=rec["user_id"], input_ids=u["input_ids"], user_index=u["user_index"],
-                      vector_pos=u["vector_pos"],
+                      history=u["history"], vector_pos=u["vector_pos"],
                       vectors={m: np.asarray(v, dtype=np.float32) for m, v in u["vectors"].items()},
                       answer_ids=template.encode_answer(rec) if with_answer else None,
                       labels=rec.get("labels") or {}, pad_id=template.pad_id, vector_dims=template.vector_dims)
@@ -437,11 +442,13 @@ class Side:
     pool_index: torch.Tensor      # (B,) long: <USER> (user side) or EOS (answer side)
     vectors: dict
     vector_pos: dict
+    history: torch.Tensor | None = None  # (B, 2) long [start, end) of the user-history segment; None: answer side
 
     def to(self, device):
         return Side(self.input_ids.to(device), self.attention_mask.to(device), self.pool_index.to(device),
                     {m: v.to(device) for m, v in self.vectors.items()},
-                    {m: p.to(device) for m, p in self.vector_pos.items()})
+                    {m: p.to(device) for m, p in self.vector_pos.items()},
+                    None if self.history is None else self.history.to(device))
 
 
 @dataclass
@@ -480,7 +487,8 @@ def collate(examples):
         vecs = [e["vectors"][m] for e in examples if m in e["vectors"]]
         vectors[m] = torch.from_numpy(np.concatenate(vecs)) if vecs else torch.zeros((0, F), dtype=torch.float32)
         vector_pos[m] = torch.tensor(pos, dtype=torch.long).reshape(-1, 2)  # (N_m, 2)
-    user = Side(ids, att, torch.tensor([e["user_index"] for e in examples], dtype=torch.long), vectors, vector_pos)
+    user = Side(ids, att, torch.tensor([e["user_index"] for e in examples], dtype=torch.long), vectors, vector_pos,
+                torch.tensor([e["history"] for e in examples], dtype=torch.long).reshape(-1, 2))  # (B, 2)
     has = [e["answer_ids"] is not None for e in examples]
     if any(has) and not all(has):
         raise ValueError("collate: some examples have an answer and some do not")

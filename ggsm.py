@@ -134,11 +134,14 @@ def window_mask(attention_mask, delta, dtype=torch.float32):
     return _to_additive(col <= row + int(delta), attention_mask, dtype)
 
 
-def soft_future_mask(attention_mask, weights, dtype=torch.float32):
+def soft_future_mask(attention_mask, weights, dtype=torch.float32, segment=None):
     """
     Eq. 4: M_ij = 0 for j <= i and log w_j for j > i, one weight per key column j (Eq. 5 depends on
     j only), padded keys blocked. weights: (L,) in (0, 1]; a weight of 0 is clamped to finfo.tiny
     (log ~ -87, blocked in effect) so log(0) never happens.
+    segment: None (every future key soft, Eq. 4 as written, GG-SM), or (B, L) bool, the positions whose
+    causality is relaxed (the hybrids: the user-history segment, history_segment): a future key j > i
+    gets log w_j only when i and j both lie in the segment, and stays blocked otherwise (causal).
     """
     _check_attention_mask(attention_mask, "soft_future_mask")
     _check_dtype(dtype, "soft_future_mask")
@@ -150,7 +153,29 @@ def soft_future_mask(attention_mask, weights, dtype=torch.float32):
     w = weights.to(device=attention_mask.device, dtype=torch.promote_types(weights.dtype, torch.float32))
     log_w = torch.log(w.clamp(min=torch.finfo(torch.float32).tiny))  # (L,) never log(0)
     log_w = torch.where(col > row, log_w.view(1, L), torch.zeros((), dtype=w.dtype, device=w.device))  # Eq. 4, (L, L)
-    return _to_additive(_everywhere(L, attention_mask.device), attention_mask, dtype, log_w)
+    return _to_additive(_relaxed(row, col, attention_mask, segment, "soft_future_mask"), attention_mask, dtype, log_w)
+
+
+def history_segment(history, L):
+    """history: (B, 2) long [start, end) of each row's user-history segment (data.Side.history) -> (B, L) bool,
+    True at the positions start <= j < end."""
+    if not isinstance(history, torch.Tensor) or history.dim() != 2 or history.shape[1] != 2:
+        raise ValueError(f"history_segment: history must be a (B, 2) tensor of [start, end), got "
+                         f"{type(history).__name__} {tuple(getattr(history, 'shape', ()))}")
+    pos = torch.arange(L, device=history.device).view(1, L)  # (1, L)
+    return (pos >= history[:, :1]) & (pos < history[:, 1:])  # (B, L)
+
+
+def _relaxed(row, col, attention_mask, segment, where):
+    """Which (i, j) a relaxed-causal mask may open: every pair without a segment; with one, the past (j <= i)
+    and the future pairs with both ends in the segment. Broadcastable to (B, L, L)."""
+    if segment is None:
+        return torch.ones_like(row >= col)  # (L, L)
+    if segment.shape != attention_mask.shape:
+        raise ValueError(f"{where}: segment must be (B, L) like attention_mask {tuple(attention_mask.shape)}, "
+                         f"got {tuple(segment.shape)}")
+    seg = segment.to(attention_mask.device).bool()
+    return (row >= col) | (seg[:, :, None] & seg[:, None, :])  # (B, L, L)
 
 
 def global_query_mask(attention_mask, dtype=torch.float32):
@@ -197,7 +222,9 @@ class HybridMLPBias(nn.Module):
             nn.init.zeros_(mlp[-1].weight)
             nn.init.constant_(mlp[-1].bias, math.log(init_weight / (1.0 - init_weight)))  # sigmoid(b) = init_weight
 
-    def forward(self, layer_idx, h, attention_mask, dtype=None):
+    def forward(self, layer_idx, h, attention_mask, dtype=None, segment=None):
+        """-> (B, 1, L, L) additive mask; segment: as in soft_future_mask (None: every future key, (B, L) bool: only
+        future keys with query and key both in it)."""
         _check_attention_mask(attention_mask, "HybridMLPBias")
         if not 0 <= layer_idx < self.n_layers:
             raise ValueError(f"HybridMLPBias: layer_idx {layer_idx} outside [0, {self.n_layers})")
@@ -209,7 +236,8 @@ class HybridMLPBias(nn.Module):
         log_w = F.logsigmoid(x)  # (B, L) log of a weight in (0, 1)
         row, col = _grid(h.shape[1], h.device)
         log_w = torch.where(col > row, log_w[:, :, None], torch.zeros((), device=h.device))  # (B, L, L): j > i only
-        return _to_additive(_everywhere(h.shape[1], h.device), attention_mask, dtype or h.dtype, log_w)
+        allowed = _relaxed(row, col, attention_mask, segment, "HybridMLPBias")
+        return _to_additive(allowed, attention_mask, dtype or h.dtype, log_w)
 
 
 # -----------------------------------------------------------------------------
@@ -390,13 +418,15 @@ class Strategy:
     option (self.options), so a subclass that needs nothing else has no __init__ of its own.
 
     A subclass implements
-        train_mask(step, attention_mask, dtype, tower)   a (B, 1, L, L) additive mask, or a callable
-                                                         mask(layer_idx, h) the decoder evaluates at the
-                                                         input of each block
-        inference_mask(attention_mask, dtype, tower)     embedding export and probing (default here: the
-                                                         training mask at step total_steps)
+        train_mask(step, attention_mask, dtype, tower, history)   a (B, 1, L, L) additive mask, or a
+                                                         callable mask(layer_idx, h) the decoder evaluates at
+                                                         the input of each block
+        inference_mask(attention_mask, dtype, tower, history)   embedding export and probing (default here:
+                                                         the training mask at step total_steps)
     tower is "user" or "answer": both towers run the same strategy at their own lengths unless a
-    strategy says otherwise (hybrid_gq). Defaults below, overridden where a strategy needs them:
+    strategy says otherwise (hybrid_gq; the hybrids restricted to the history segment). history is the
+    user side's (B, 2) [start, end) of the user-history segment (data.Side.history; None on the answer side);
+    a strategy that does not need it ignores it. Defaults below, overridden where a strategy needs them:
         capture_layer = None, wants_gradients(step) False   no dL/dh read (GG-SM, hybrid_mask read it)
         module = None           a trainable nn.Module trained with the encoder (hybrid_mlp)
         global_token = False    a <GLOBAL> token the template puts first (hybrid_gq)
@@ -420,11 +450,11 @@ class Strategy:
         self.capture_layer = None
         self.module = None
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         raise NotImplementedError(f"{type(self).__name__}.train_mask")
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
-        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower, history)
 
     def phase(self, step):
         """A word for the logs: where in its schedule the strategy is at `step`."""
@@ -446,17 +476,41 @@ class Strategy:
         _check_keys(state, [], f"{type(self).__name__}.load_state_dict")
 
 
+SEGMENTS = ("history", "all")  # where the hybrids relax causality (paper: the user-history segment)
+
+
+def _check_segment(segment, where):
+    if segment not in SEGMENTS:
+        raise ValueError(f"{where}: segment must be one of {SEGMENTS}, got {segment!r}")
+    return segment
+
+
+def _segment_of(segment, attention_mask, tower, history, where):
+    """The (B, L) bool positions a hybrid relaxes, or None for every future key (segment="all"). The answer tower
+    holds no user history: an all-False segment (causal)."""
+    if tower not in ("user", "answer"):
+        raise ValueError(f"{where}: tower must be 'user' or 'answer', got {tower!r}")
+    if segment == "all":
+        return None
+    if tower == "answer":
+        return torch.zeros_like(attention_mask, dtype=torch.bool)
+    if history is None:
+        raise ValueError(f"{where}: segment='history' needs history= on the user tower (data.Side.history, the (B, 2) "
+                         "[start, end) of the user-history segment); segment='all' opens every future key instead")
+    return history_segment(history.to(attention_mask.device), attention_mask.shape[1])
+
+
 class Causal(Strategy):
     """M^causal at training and at inference: the mask of pretraining."""
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         return causal_mask(attention_mask, dtype)
 
 
 class Bidirectional(Strategy):
     """"Direct" (App. A.4 Bidirectional a): M^bi from step 0."""
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         return bidirectional_mask(attention_mask, dtype)
 
 
@@ -470,7 +524,7 @@ class Scheduler(Strategy):
     def phase(self, step):
         return "window" if step < self.total_steps else "bidirectional"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if step >= self.total_steps:
             return bidirectional_mask(attention_mask, dtype)
         return window_mask(attention_mask, self.window_delta(step, attention_mask.shape[1]), dtype)
@@ -538,14 +592,14 @@ class GGSM(Strategy):
         alpha = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)  # alpha_t in [0, 1)
         return (1.0 - alpha) * w_frozen + alpha  # Eq. 5 second branch = Eq. 15
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if self.phase(step) == "bidirectional":
             return bidirectional_mask(attention_mask, dtype)  # exactly 0 bias, no log(1) round-off
         _check_attention_mask(attention_mask, f"{type(self).__name__}.train_mask")
         w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
         return soft_future_mask(attention_mask, w, dtype)  # Eq. 4
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
         return bidirectional_mask(attention_mask, dtype)
 
     def wants_gradients(self, step):
@@ -581,15 +635,38 @@ class GGSM(Strategy):
 
 
 class HybridMask(GGSM):
-    """App. A.4 Hybrid a: GG-SM's warm-up mask, frozen at T_warm - 1 and never ramped. The frozen mask is
+    """
+    App. A.4 Hybrid a: GG-SM's warm-up mask, frozen at T_warm - 1 and never ramped. The frozen mask is
     also the inference mask (the paper does not say; a model trained with a soft mask is evaluated with
-    it); if training stops before the freeze, the latest warm-up weights are used."""
+    it); if training stops before the freeze, the latest warm-up weights are used.
+
+    segment="history" (default; paper: a hybrid "selectively relaxes causality over the user-history
+    segment while maintaining causal constraints for future tokens"): the soft weights open future keys
+    only inside the user-history segment (query and key both in it); the instruction, query and <USER>
+    stay causal, and so does the answer tower, which holds no user history. segment="all": every future
+    key of both towers, as GG-SM's warm-up mask (this project's behaviour before the restriction).
+    Differs from the paper: the importance comes from the gradients of the encoder being trained, as in
+    GG-SM; the paper computes it "using gradients from a frozen left-tower encoder" (not implemented: it
+    needs a second, frozen copy of the user tower run forward and backward at every warm-up step).
+    """
 
     ramps = False
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, segment="history", **settings):
+        super().__init__(total_steps, warmup_steps, n_layers=n_layers, **settings)
+        self.segment = _check_segment(segment, "HybridMask")
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
+        _check_attention_mask(attention_mask, "HybridMask.train_mask")
+        seg = _segment_of(self.segment, attention_mask, tower, history, "HybridMask.train_mask")
+        if seg is not None and not seg.any():
+            return causal_mask(attention_mask, dtype)  # nothing to relax (the answer tower): exactly causal
+        w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
+        return soft_future_mask(attention_mask, w, dtype, segment=seg)  # Eq. 4 inside the segment
+
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
         step = self.warmup_steps if self.frozen is not None else 0
-        return self.train_mask(step, attention_mask, dtype, tower)
+        return self.train_mask(step, attention_mask, dtype, tower, history)
 
 
 class GGSMZero(GGSM):
@@ -607,23 +684,29 @@ class GGSMZero(GGSM):
 
 class HybridMLP(Strategy):
     """App. A.4 Hybrid b: HybridMLPBias, trained with the encoder; the mask is a callable mask(layer_idx, h)
-    the decoder evaluates at the input of each block."""
+    the decoder evaluates at the input of each block. segment="history" (default) / "all": as in HybridMask,
+    the MLP's bias opens future keys inside the user-history segment only (the answer tower stays causal), or
+    every future key of both towers."""
 
-    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, **settings):
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, segment="history", **settings):
         super().__init__(total_steps, warmup_steps, n_layers=n_layers, hidden_size=hidden_size, **settings)
         if n_layers is None or hidden_size is None:
             raise ValueError("HybridMLP: n_layers and hidden_size are required")
+        self.segment = _check_segment(segment, "HybridMLP")
         self.module = HybridMLPBias(n_layers, hidden_size)
 
     def phase(self, step):
         return "mlp"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         _check_attention_mask(attention_mask, "HybridMLP.train_mask")
+        seg = _segment_of(self.segment, attention_mask, tower, history, "HybridMLP.train_mask")
+        if seg is not None and not seg.any():
+            return causal_mask(attention_mask, dtype)  # nothing to relax (the answer tower): exactly causal
         module = self.module
 
         def mask(layer_idx, h):  # h = the input of block layer_idx, (B, L, D)
-            return module(layer_idx, h, attention_mask, dtype)
+            return module(layer_idx, h, attention_mask, dtype, seg)
 
         return mask
 
@@ -637,14 +720,17 @@ class HybridMLP(Strategy):
 
 class HybridGQ(Strategy):
     """App. A.4 Hybrid c: global_query_mask on the user tower, whose template puts <GLOBAL> first; the
-    answers carry no <GLOBAL> token, so the answer tower stays causal."""
+    answers carry no <GLOBAL> token, so the answer tower stays causal.
+    Differs from the paper: its global token's "attention weights supervise block-level contextual integration";
+    the paper defines no such loss and none is implemented here, so <GLOBAL> is trained by the InfoNCE loss
+    alone. Its row sees every real key (the paper: "all history tokens")."""
 
     global_token = True
 
     def phase(self, step):
         return "global_query"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if tower not in ("user", "answer"):
             raise ValueError(f"HybridGQ.train_mask: tower must be 'user' or 'answer', got {tower!r}")
         return global_query_mask(attention_mask, dtype) if tower == "user" else causal_mask(attention_mask, dtype)

@@ -456,8 +456,9 @@ def load_embeddings(path):
 def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     """Embed users with the frozen encoder, without gradients, in eval mode.
     batches: iterable of data.Side (or data.Batch, whose .user side is used).
-    mask_fn(attention_mask, dtype) -> the strategy's inference mask (a tensor or a per-layer callable),
-    e.g. Strategy.inference_mask; None means the encoder's default (causal).
+    mask_fn(attention_mask, dtype, history=...) -> the strategy's inference mask (a tensor or a per-layer callable),
+    e.g. Strategy.inference_mask (history: the side's user-history segment); None means the encoder's default
+    (causal).
     Returns (N, E) float32, in batch order."""
     dtype = next(encoder.parameters()).dtype
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -468,7 +469,7 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 side = (batch.user if hasattr(batch, "user") else batch).to(device)
-                mask = None if mask_fn is None else mask_fn(side.attention_mask, dtype)
+                mask = None if mask_fn is None else mask_fn(side.attention_mask, dtype, history=side.history)
                 emb = encoder(side.input_ids, side.attention_mask, side.pool_index, mask=mask,
                               vectors=side.vectors, vector_pos=side.vector_pos)
                 out.append(emb.float().cpu().numpy())
@@ -537,7 +538,8 @@ def build_encoder(spec, device="cpu"):
     encoder = model.UserEncoder(decoder, template.special_token_ids, spec.vector_dims,
                                 pooling=spec.pooling, projector_dims=projector, standardize=spec.standardize).to(device)
     strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
-                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads, **spec.mask_options)
+                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                            **{"segment": "all", **spec.mask_options})  # saved before the option: every future key
     if strategy.module is not None:
         strategy.module.to(device)
     return encoder, template, strategy

@@ -89,6 +89,7 @@ def get_args(argv=None):
     p.add_argument("--capture-layer", default="last-block", help="'last-block' (input of the last block, default), 'final' (the paper's literal final hidden state) or a block index")
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
     p.add_argument("--importance-norm", default="none", choices=ggsm.NORMALIZE, help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
+    p.add_argument("--hybrid-segment", default="history", choices=ggsm.SEGMENTS, help="hybrid_mask, hybrid_mlp: relax causality inside the user-history segment only (paper) or open every future key of both towers ('all')")
     # optimisation
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
@@ -236,7 +237,7 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
     encoder = (towers.module if isinstance(towers, DDP) else towers).encoder
     loss_sum, tokens, weights, diag = 0.0, 0, [], []
     for m, chunks in enumerate(micro_batches):
-        user_masks = [_measured(strategy.train_mask(step, c.user.attention_mask, torch.float32),
+        user_masks = [_measured(strategy.train_mask(step, c.user.attention_mask, torch.float32, history=c.user.history),
                                 c.user.attention_mask, weights) for c in chunks]
         answer_masks = [strategy.train_mask(step, c.answer.attention_mask, torch.float32, tower="answer") for c in chunks]
         # no gradient all-reduce on the non-final micro-steps of an accumulation
@@ -278,7 +279,8 @@ def make_spec(args, model_dir, report):
     return probe.RunSpec(
         base_model=os.path.abspath(model_dir), modalities=report.modalities, vector_dims=report.vector_dims,
         mask=args.mask, total_steps=args.steps, warmup_steps=int(round(args.mask_warmup * args.steps)),
-        mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm},
+        mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm,
+                      "segment": getattr(args, "hybrid_segment", "all")},  # a run saved before the option: the old behaviour
         dtype=args.dtype,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,

@@ -168,6 +168,10 @@ def test_round_trip_tags_order_and_user_index(tok, tmp_path):
     assert t.tokenizer.decode(ids, skip_special_tokens=False) == want
     assert enc["user_index"] == len(ids) - 1 and ids[-1] == t.user_id == t.tokenizer.token_to_id("<USER>")
     assert enc["n_cut"] == 0
+    # the user-history segment: the blocks, from <bill> to </tabular>; the instruction, query and <USER> follow it
+    start, end = enc["history"]
+    assert t.tokenizer.decode(ids[start:end], skip_special_tokens=False) == want.split(" Instruction:")[0]
+    assert t.tokenizer.decode(ids[end:], skip_special_tokens=False) == " Instruction: what next<USER>"
     assert t.special_tokens == ["<bill>", "</bill>", "<app>", "</app>", "<search>", "</search>",
                                 "<tabular>", "</tabular>", "<VEC>", "<USER>"]
     base = tok.get_vocab_size()
@@ -200,6 +204,8 @@ def test_global_token_and_default_query(tok):
     t = template(tok, global_token=True, default_query="what next")
     enc = t.encode_user({"events": [{"modality": "bill", "text": "metro 4"}]})
     assert enc["input_ids"][0] == t.global_id == t.tokenizer.token_to_id("<GLOBAL>")
+    start, end = enc["history"]
+    assert (start, enc["input_ids"][start], enc["input_ids"][end - 1]) == (1, t.open_id["bill"], t.close_id["bill"])
     assert t.global_id in t.special_token_ids and "<GLOBAL>" in t.special_tokens
     assert t.tokenizer.decode(enc["input_ids"], skip_special_tokens=False).endswith(" Instruction: what next<USER>")
 
@@ -300,6 +306,9 @@ def test_collate_padding_pool_index_vectors(tok):
     assert (b.user.input_ids[pos[:, 0], pos[:, 1]] == t.vec_id).all()
     assert vec.tolist() == [[1, 2, 3], [7, 8, 9], [1, 1, 1]] and pos[:, 0].tolist() == [0, 2, 2]
     assert b.user_ids == ["u", "b", "c"] and b.index.tolist() == [0, 1, 2]
+    assert b.user.history.tolist() == [list(ds[r]["history"]) for r in range(3)] and b.answer.history is None
+    assert b.user.history[:, 1].tolist() == [ds.lengths[r] - len(t.tokenizer.encode(" Instruction:").ids) - 1
+                                             - (r == 0) * len(t.tokenizer.encode(" what next").ids) for r in range(3)]
     # a batch without vectors still carries an empty (0, F) tensor per vector modality
     b1 = data.collate([ds[1]])
     assert b1.user.vectors["tabular"].shape == (0, 3) and b1.user.vector_pos["tabular"].shape == (0, 2)

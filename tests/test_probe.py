@@ -353,7 +353,7 @@ def test_embed_users_does_not_depend_on_the_batch(tiny_encoder_and_users, strate
     with torch.no_grad():
         side = batches[0].user
         ref = encoder(side.input_ids, side.attention_mask, side.pool_index,
-                      mask=strategy_obj.inference_mask(side.attention_mask, torch.float32),
+                      mask=strategy_obj.inference_mask(side.attention_mask, torch.float32, history=side.history),
                       vectors=side.vectors, vector_pos=side.vector_pos)
     np.testing.assert_allclose(E_batched[:4], ref.numpy(), rtol=0, atol=1e-6)
     # the masks must matter: a causal and a bidirectional encoder do not embed alike

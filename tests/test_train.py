@@ -240,7 +240,7 @@ class HeadFuture(ggsm.Strategy):
         super().__init__(**settings)
         self.module = nn.ParameterDict({"logit": nn.Parameter(torch.full((self.n_layers, self.n_heads), -2.944))})
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         bi = ggsm.bidirectional_mask(attention_mask)                           # (B, 1, L, L)
         future = ggsm.causal_mask(attention_mask) < bi                         # (B, 1, L, L): j > i, real key
 
@@ -249,8 +249,8 @@ class HeadFuture(ggsm.Strategy):
             return (bi + future * log_w).to(dtype)                             # (B, heads, L, L)
         return mask
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
-        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower, history)
 
     def state_dict(self):
         return {"logit": self.module["logit"].detach().clone()}
