@@ -540,6 +540,8 @@ BILL_AMOUNT = {"cinema": 45, "movie ticket": 40, "livehouse": 180, "music store"
 ANSWER_PHRASE = {"movie": "cinema tickets", "music": "concert tickets", "food": "food delivery",
                  "transit": "metro rides", "fitness": "gym visits", "achievement": "reward badges",
                  "daily": "daily payments"}
+# one is drawn per user; the answer does not depend on which (all ask about next month's behaviour): not the
+# paper's D_qa, whose answers are written for their query
 QUERIES = ("What will this user do next month?", "Which services will this user use next?",
            "Summarize this user's upcoming behavior.", "Which offers will this user open next month?")
 LABEL_NOISE = 0.05

@@ -125,13 +125,17 @@ def window_mask(attention_mask, delta, dtype=torch.float32):
     """
     Scheduler-based transition (App. A.4 Bidirectional b): query i sees keys j <= i + delta, i.e.
     "attention up to position min(i + delta, L)". delta = 0 is causal, delta >= L - 1 bidirectional.
+    delta: one integer for the batch, or a (B,) integer tensor, one window per row (Scheduler: each
+    user's own length sets its window).
     """
     _check_attention_mask(attention_mask, "window_mask")
     _check_dtype(dtype, "window_mask")
-    if int(delta) != delta or delta < 0:
-        raise ValueError(f"window_mask: delta must be an integer >= 0, got {delta}")
-    row, col = _grid(attention_mask.shape[1], attention_mask.device)
-    return _to_additive(col <= row + int(delta), attention_mask, dtype)
+    B, L = attention_mask.shape
+    d = torch.as_tensor(delta, device=attention_mask.device)
+    if d.is_floating_point() or d.dim() > 1 or (d.dim() == 1 and d.shape != (B,)) or (d < 0).any():
+        raise ValueError(f"window_mask: delta must be an integer >= 0 or a ({B},) tensor of them, got {delta}")
+    row, col = _grid(L, attention_mask.device)
+    return _to_additive(col <= row + d.long().view(-1, 1, 1), attention_mask, dtype)  # (B or 1, L, L)
 
 
 def soft_future_mask(attention_mask, weights, dtype=torch.float32, segment=None):
@@ -515,10 +519,12 @@ class Bidirectional(Strategy):
 
 
 class Scheduler(Strategy):
-    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = the padded length of the
-    batch (in train.py: of the micro-batch chunk); causal at t = 0, bidirectional from T_total on and at inference."""
+    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = each row's own length (its
+    real tokens), so a user's window does not depend on its batch-mates or on the padding; causal at t = 0,
+    bidirectional from T_total on and at inference. Linear in t only (the paper also names a cosine schedule)."""
 
     def window_delta(self, step, L):
+        """L: an int or a (B,) integer tensor of lengths."""
         return (L * min(step, self.total_steps)) // self.total_steps  # integer floor, exact
 
     def phase(self, step):
@@ -527,7 +533,9 @@ class Scheduler(Strategy):
     def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if step >= self.total_steps:
             return bidirectional_mask(attention_mask, dtype)
-        return window_mask(attention_mask, self.window_delta(step, attention_mask.shape[1]), dtype)
+        _check_attention_mask(attention_mask, "Scheduler.train_mask")
+        lengths = attention_mask.long().sum(1)  # (B,) real tokens; paper: "min(i + delta(e), L)", L the user's length
+        return window_mask(attention_mask, self.window_delta(step, lengths), dtype)
 
 
 class GGSM(Strategy):

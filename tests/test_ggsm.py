@@ -240,16 +240,39 @@ def test_causal_bidirectional_strategies():
         assert s.capture_layer is None and s.module is None and not s.wants_gradients(0)
 
 
+def window_by_hand(n_real, delta, L=5):
+    """Naive loop: key j visible to query i when j <= i + delta and j is a real token."""
+    return [[1 if j < n_real and j <= i + delta else X for j in range(L)] for i in range(L)]
+
+
 def test_scheduler():
     s = ggsm.STRATEGIES["scheduler"](total_steps=10, warmup_steps=4)
-    # delta(t) = floor(5 t / 10): t=0 -> 0, t=3 -> 1, t=7 -> 3
-    for t, rows in ((0, CAUSAL), (3, WINDOW1), (7, WINDOW3), (10, BIDIR), (11, BIDIR)):
-        assert_batch(s.train_mask(t, AM), rows, f"scheduler t={t}")
-        assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"scheduler answer t={t}")
+    # each row's own length n: delta(t) = floor(n t / 10); the full row (n = 5): t=0 -> 0, t=3 -> 1, t=7 -> 3;
+    # the padded row (n = 3): t=3 -> 0, t=7 -> 2
+    for t, rows, d3 in ((0, CAUSAL, 0), (3, WINDOW1, 0), (7, WINDOW3, 2), (10, BIDIR, 3), (11, BIDIR, 3)):
+        for tower in ("user", "answer"):
+            m = s.train_mask(t, AM, tower=tower)
+            assert_mask(m[0, 0], rows, f"scheduler {tower} t={t} [full row]")
+            assert_mask(m[1, 0], window_by_hand(3, d3), f"scheduler {tower} t={t} [padded row]")
     assert_batch(s.inference_mask(AM), BIDIR, "scheduler inference")
     assert [s.window_delta(t, 5) for t in range(11)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     assert future_weight(s, 0) == 0.0 and future_weight(s, 10) == 1.0
     assert future_weight(s, 3) == pytest.approx(4 / 10)  # 4 of the 10 future pairs are 1 apart
+
+
+def test_scheduler_window_is_the_users_own():
+    """A user's window depends on its own length only: adding a longer batch-mate (more padding) changes nothing."""
+    s = ggsm.STRATEGIES["scheduler"](total_steps=10)
+    short = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]])  # 4 tokens, padded to the batch-mate's 10
+    alone = torch.ones(1, 4, dtype=torch.long)
+    mates = torch.cat([short, torch.ones(1, 10, dtype=torch.long)])
+    for t in range(11):
+        m_alone = s.train_mask(t, alone)[0, 0]  # (4, 4)
+        m_batch = s.train_mask(t, mates)[0, 0, :4, :4]  # the short user's real block, in a batch of L = 10
+        assert torch.equal(m_alone, m_batch), f"t={t}: the short user's mask depends on its batch-mate"
+        assert_mask(s.train_mask(t, mates)[1, 0], window_by_hand(10, (10 * t) // 10, L=10), f"long user t={t}")
+    with pytest.raises(ValueError, match="window_mask"):
+        ggsm.window_mask(AM, torch.tensor([1, -1]))
 
 
 def test_ggsm_schedule_hand_written():
