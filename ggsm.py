@@ -4,8 +4,9 @@ Soft Masking (GG-SM) and the masked InfoNCE loss.
 
 Reference: "How Do Decoder-Only LLMs Perceive Users? Rethinking Attention Masking for User
 Representation Learning", arXiv 2602.10622 (Sec. 4 Eq. 4-8, App. A.4 Eq. 15, Table 2). The official
-code is github.com/JhCircle/Deepfind-GGSM; every place where this file does something else is marked
-"official code:" in a comment, and the README's deviations table sums those places up.
+code is github.com/JhCircle/Deepfind-GGSM; every row of the README's deviations tables is marked where it
+is implemented by a comment "# paper [aspect]: ..." or "# official code [aspect]: ..." (most of them here;
+the rest in model.py, train.py, probe.py), and a test keeps the two in step.
 
 What is here (every strategy of the paper's Table 2):
     causal_mask, bidirectional_mask, window_mask, soft_future_mask, global_query_mask   pure functions
@@ -95,6 +96,8 @@ def _to_additive(allowed, attention_mask, dtype, log_w=None):
     None (all 0). Returns (B, 1, L, L) in `dtype`: log_w where allowed and the key is a real token,
     finfo(dtype).min elsewhere. Padded keys are blocked here, once, for every strategy.
     """
+    # official code [padding]: no key-padding mask (real tokens attend to pads, and an all-ones mask at inference);
+    # here padded keys are blocked, once, for every strategy
     key_real = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is a token
     allowed = allowed & key_real  # (B, L, L)
     work = torch.promote_types(dtype, torch.float32)  # build in >= fp32 so finfo(dtype).min is exact
@@ -156,6 +159,7 @@ def soft_future_mask(attention_mask, weights, dtype=torch.float32, segment=None)
     row, col = _grid(L, attention_mask.device)
     w = weights.to(device=attention_mask.device, dtype=torch.promote_types(weights.dtype, torch.float32))
     log_w = torch.log(w.clamp(min=torch.finfo(torch.float32).tiny))  # (L,) never log(0)
+    # paper [soft mask]: Eq. 4, w_ij depends on j only; official code: one [B,1,L,L] bias for every layer and head, as here
     log_w = torch.where(col > row, log_w.view(1, L), torch.zeros((), dtype=w.dtype, device=w.device))  # Eq. 4, (L, L)
     return _to_additive(_relaxed(row, col, attention_mask, segment, "soft_future_mask"), attention_mask, dtype, log_w)
 
@@ -192,6 +196,8 @@ def global_query_mask(attention_mask, dtype=torch.float32):
     _check_attention_mask(attention_mask, "global_query_mask")
     _check_dtype(dtype, "global_query_mask")
     row, col = _grid(attention_mask.shape[1], attention_mask.device)
+    # paper [hybrid_gq]: the global token attends bidirectionally to the history tokens, its attention weights supervise
+    # block-level integration; here its row sees every real key and there is no supervision term
     return _to_additive((row >= col) | (row == 0), attention_mask, dtype)
 
 
@@ -237,6 +243,7 @@ class HybridMLPBias(nn.Module):
                              f"got {tuple(h.shape)}")
         mlp = self.mlps[layer_idx]
         x = mlp(h.to(mlp[-1].weight.dtype)).squeeze(-1).float()  # (B, L): one logit per query row i
+        # paper [hybrid_mlp]: an MLP on h_i predicts the bias for j > i; here one small MLP per layer, bias logsigmoid(.)
         log_w = F.logsigmoid(x)  # (B, L) log of a weight in (0, 1)
         row, col = _grid(h.shape[1], h.device)
         log_w = torch.where(col > row, log_w[:, :, None], torch.zeros((), device=h.device))  # (B, L, L): j > i only
@@ -273,11 +280,13 @@ class GradientImportance:
     """
 
     def __init__(self, ema=0.0, normalize="none"):
+        # official code [EMA]: an ema_decay field whose effective value is 0.0 (the argparse 0.99 is never used); default 0.0
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"GradientImportance: ema must be in [0, 1), got {ema}")
         if normalize not in NORMALIZE:
             raise ValueError(f"GradientImportance: normalize must be one of {NORMALIZE}, got {normalize!r}")
         self.ema, self.normalize = ema, normalize
+        # official code [step 0]: sigma(0) = 0.5 on every future key before any gradient; the same here (I = 0)
         self.importance = torch.zeros(0, dtype=torch.float64)  # (n_seen,) I_j, positions 0..n_seen-1
         self.updates = 0  # optimizer steps that contributed
         self._sum = None  # (L,) this step's sum over rows of ||g_{b,j}||, on the gradient's device
@@ -294,6 +303,7 @@ class GradientImportance:
                              f"{tuple(attention_mask.shape)}, got {tuple(grad.shape)}")
         real = attention_mask.to(grad.device).bool()
         norms = grad.detach().double().norm(dim=-1)  # (B, L) ||dL/dh_{b,j}||_2 over the hidden dim
+        # official code [batch aggregation]: a sum over the micro-batch; here a mean over the rows with a token at j
         s = (norms * real).sum(0)  # (L,) padded positions ignored
         c = real.sum(0).double()  # (L,)
         if self._sum is None:
@@ -313,6 +323,7 @@ class GradientImportance:
             buf = torch.zeros(2, int(n.item()), dtype=torch.float64, device=dev)  # (2, L) sums; counts
             if s is not None:
                 buf[0, :s.numel()], buf[1, :c.numel()] = s.to(dev), c.to(dev)
+            # official code [multi-GPU]: the importance is a DDP buffer, rank 0's copy wins; here sums and counts of every rank
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             s, c = buf[0], buf[1]
         if s is None or s.numel() == 0:
@@ -368,6 +379,7 @@ def _add_padded(a, b):
     return a
 
 
+# paper [normalisation]: none, sigma(||g||); how='none' (default) is the paper's, the others are options
 def _normalize(x, how):
     if x.numel() == 0 or how == "none":
         return x
@@ -380,6 +392,7 @@ def _normalize(x, how):
     raise ValueError(f"normalize must be one of {NORMALIZE}, got {how!r}")
 
 
+# official code [unseen lengths]: every sequence padded to 512, so no position is unseen; here the seen mean
 def _extend(x, L):
     """x (n,) -> (L,): truncate, or pad positions >= n with the mean of x (0 if x is empty)."""
     if L <= x.numel():
@@ -448,6 +461,7 @@ class Strategy:
             raise ValueError(f"{where}: total_steps must be an integer >= 1, got {total_steps}")
         if int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"{where}: warmup_steps must be an integer >= 0, got {warmup_steps}")
+        # official code [schedule units]: T_warm, T_total count micro-batches (fixed 200 / 2000); here optimizer steps
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.n_layers, self.hidden_size, self.n_heads = n_layers, hidden_size, n_heads
         self.options = options
@@ -494,6 +508,8 @@ def _segment_of(segment, attention_mask, tower, history, where):
     holds no user history: an all-False segment (causal)."""
     if tower not in ("user", "answer"):
         raise ValueError(f"{where}: tower must be 'user' or 'answer', got {tower!r}")
+    # paper [hybrid segment]: a hybrid "relaxes causality over the user-history segment"; segment='all' opens every
+    # future key of both towers instead (this project's former behaviour)
     if segment == "all":
         return None
     if tower == "answer":
@@ -535,6 +551,7 @@ class Scheduler(Strategy):
             return bidirectional_mask(attention_mask, dtype)
         _check_attention_mask(attention_mask, "Scheduler.train_mask")
         lengths = attention_mask.long().sum(1)  # (B,) real tokens; paper: "min(i + delta(e), L)", L the user's length
+        # paper [scheduler baseline]: Delta(e) linear or cosine, "up to position min(i + Delta(e), L)"; linear only here
         return window_mask(attention_mask, self.window_delta(step, lengths), dtype)
 
 
@@ -568,6 +585,8 @@ class GGSM(Strategy):
         if capture_layer in ("last-block", "final"):
             if n_layers is None:
                 raise ValueError(f"{where}: pass n_layers (or a block index as capture_layer) to place capture_layer")
+            # paper [gradient source]: h_j = "Last Hidden" (capture_layer='final'); official code: hidden_states[-1] after the
+            # final norm; default here: the input of the last block, where the gradient differs by position
             capture_layer = n_layers - 1 if capture_layer == "last-block" else n_layers
         if not str(capture_layer).isdigit() or (n_layers is not None and int(capture_layer) > n_layers):
             raise ValueError(f"{where}: capture_layer must be 'last-block', 'final' or a block index in "
@@ -598,6 +617,8 @@ class GGSM(Strategy):
         if phase == "frozen":
             return w_frozen
         alpha = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)  # alpha_t in [0, 1)
+        # paper [ramp (Eq. 5, 15)]: w = (1 - a_t) w_frozen + a_t; official code: the same, with a log(alpha) fallback that
+        # fails at alpha = 0 when nothing was frozen (here T_warm = 0 freezes sigma(0) = 0.5)
         return (1.0 - alpha) * w_frozen + alpha  # Eq. 5 second branch = Eq. 15
 
     def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
@@ -605,9 +626,12 @@ class GGSM(Strategy):
             return bidirectional_mask(attention_mask, dtype)  # exactly 0 bias, no log(1) round-off
         _check_attention_mask(attention_mask, f"{type(self).__name__}.train_mask")
         w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
+        # official code [answer tower]: the same soft bias on both towers; here the same column weights at each tower's
+        # own length (tower is not consulted)
         return soft_future_mask(attention_mask, w, dtype)  # Eq. 4
 
     def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        # paper [inference]: fully bidirectional; official code: an all-ones additive mask (pads attended)
         return bidirectional_mask(attention_mask, dtype)
 
     def wants_gradients(self, step):
@@ -622,6 +646,7 @@ class GGSM(Strategy):
         if step < self.warmup_steps:
             self.importance.end_step()
             if step == self.warmup_steps - 1:
+                # paper [freezing]: frozen at the end of warm-up, L_warm the loss of t = T_warm - 1 (its gradients included)
                 self.frozen = self.importance.normalized().clone()
         else:
             self.importance.discard_step()  # after warm-up gradients are not used
@@ -662,6 +687,7 @@ class HybridMask(GGSM):
 
     def __init__(self, total_steps, warmup_steps=0, n_layers=None, segment="history", **settings):
         super().__init__(total_steps, warmup_steps, n_layers=n_layers, **settings)
+        # paper [hybrid_mask]: importance from "a frozen left-tower encoder"; here from the encoder being trained
         self.segment = _check_segment(segment, "HybridMask")
 
     def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
@@ -777,6 +803,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
     if user.dim() != 2 or user.shape != answer.shape or user.shape[0] < 1:
         raise ValueError(f"info_nce: user and answer must both be (N, E) with N >= 1, got {tuple(user.shape)} "
                          f"and {tuple(answer.shape)}")
+    # official code [τ, margin]: tau = 0.02, margin = 0.1; the paper gives neither (train.py's --tau, --margin)
     if not tau > 0:
         raise ValueError(f"info_nce: tau must be > 0, got {tau}")
     work = torch.promote_types(user.dtype, torch.float32)
@@ -793,6 +820,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
 
     terms = [pos[:, None] / tau, negatives(s_ua)]  # Eq. 7 first two terms
     if same_side:
+        # paper [loss negatives]: Eq. 7 adds u-u and a-a; official code: u->a only (same_side=False)
         terms += [negatives(u @ u.T), negatives(a @ a.T)]  # Eq. 7 same-side terms
     logits = torch.cat(terms, dim=1)  # (N, 1 + N) or (N, 1 + 3N); column 0, the positive, is always finite
     return (torch.logsumexp(logits, dim=1) - pos / tau).mean()  # Eq. 6
@@ -800,6 +828,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
 
 def _kept_negatives(s, threshold, off_diag):
     """Eq. 8: m_ij = 1 for j != i unless the term's similarity exceeds the positive + margin."""
+    # paper [false-negative mask]: Eq. 8, every term against the positive + margin; official code: u->a terms only
     return off_diag & (s <= threshold)
 
 

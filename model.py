@@ -407,6 +407,7 @@ class Decoder(nn.Module):
                 raise ValueError(f"Decoder.forward: mask shape {tuple(m.shape)} is not broadcastable to "
                                  f"(B, heads, {L}, {L})")
             m = m.to(h.device)
+            # paper [mask precision]: not discussed; official code: fp32 bias under bf16 autocast
             if not holds(m, compute):
                 # soft weights the compute dtype would erase: keep them in fp32; Attention then runs in fp32
                 return m.float().clamp(min=torch.finfo(torch.float32).min)
@@ -679,6 +680,7 @@ class UserEncoder(nn.Module):
         # per-tower standardisation of the pooled (projected) state before the L2 normalisation: batch statistics
         # in training, running statistics at inference (kept with the trainable state). A decoder's pooled states
         # share one dominant direction; without it the cosine's gradient vanishes and the embeddings collapse.
+        # paper [pooled state before the L2 norm]: used as is (Eq. 13), standardize=False
         self.standardize = None
         if standardize:
             E = projector_dims[-1] if projector_dims is not None else D

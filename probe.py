@@ -51,6 +51,7 @@ import model
 # The paper's task order (Table 2 columns); must equal data.TASKS (a test checks it). Kept here so
 # the numeric part of the probe imports NumPy only.
 PAPER_TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
+# paper [probe]: linear probing, ROC-AUC, nothing else specified; the protocol above is this project's
 TEST_FRAC = 0.5  # share of the probe users held out as test users (module docstring)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # log grid of scikit-learn-style C
 

@@ -62,6 +62,7 @@ def get_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported) instead of failing")
     p.add_argument("--cache", default="cache", help="folder for the synthetic data and small decoders built on demand")
     # model
+    # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")
@@ -73,6 +74,7 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    # official code [micro-batches]: every sequence padded to 512; --chunks 1 pads a micro-batch to its longest
     p.add_argument("--chunks", type=int, default=4, help="each micro-batch runs as this many length-sorted chunks, each padded to its own longest (less padding, the same loss)")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
@@ -91,6 +93,7 @@ def get_args(argv=None):
     p.add_argument("--importance-norm", default="none", choices=ggsm.NORMALIZE, help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
     p.add_argument("--hybrid-segment", default="history", choices=ggsm.SEGMENTS, help="hybrid_mask, hybrid_mlp: relax causality inside the user-history segment only (paper) or open every future key of both towers ('all')")
     # optimisation
+    # paper [lr, steps, batch]: 2e-4, 70k, 2,048 on Qwen2.5-0.5B; these defaults fit a CPU budget
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
@@ -98,6 +101,7 @@ def get_args(argv=None):
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
+    # paper [τ]: not given; official code 0.02, Q-Anchor code 0.07; 0.05 is a choice between them, not tuned
     p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--margin", type=float, default=0.1, help="false-negative margin of Eq. 8")
     p.add_argument("--no-same-side", action="store_true", help="drop the user-user and answer-answer negatives of Eq. 7")
