@@ -2,6 +2,7 @@
 Benchmarks (not tests): each section is a subcommand that prints a markdown table and can write JSON.
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
+    python bench.py events --model DIR --data train.jsonl [--max-len 256 --batch 32 --reps 5]
     python bench.py train|embed|ggsm|softmask|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
@@ -12,6 +13,12 @@ Repetitions are interleaved (ours, sklearn, sklearn-tight, ours, ...) so drifts 
 all solvers alike; medians are reported. Also reported: held-out AUC of each fit, the objective
 each reaches (the same function for both), the largest coefficient difference, and the time of one full
 fit_probe (CV over probe.DEFAULT_CS x 5 folds, then the refit).
+
+events: ours only, on a data set and base model: the text form (event text as subword tokens) against the
+event-level form (one position per event: the frozen base embeddings pooled over the event's tokens, then
+the modality adapter; data.Template event_modalities): user sequence lengths over the whole file and the
+median time of train.train_step (GG-SM warm-up, LoRA r 16, batch 32 in 4 length-sorted chunks) on the same
+users, the two forms interleaved.
 
 train / embed / ggsm / softmask / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
 the official GG-SM code (github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is
@@ -696,6 +703,63 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     return result
 
 
+def bench_events(args):
+    """Text form against the event-level form on a data set: user sequence lengths (every user of the file) and the
+    time of train.train_step (GG-SM warm-up, LoRA, both towers, train.py's defaults otherwise) on the same batches,
+    interleaved, medians. The event form puts every text modality of the data in event form."""
+    records, report = data.load_records(args.data, require=("answer",))
+    text_modalities = sorted({e["modality"] for r in records for e in r["events"] if e.get("text") is not None})
+    lora = {"r": 16, "alpha": 16.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    forms = {"text": [], "event": text_modalities}
+    load = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(records))
+    steps, out = {}, {"data": args.data, "model": args.model, "batch": args.batch, "event_modalities": text_modalities,
+                      "threads": torch.get_num_threads(), "load_average_before": list(load)}
+    for name, ev in forms.items():
+        spec = probe.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, mask="ggsm",
+                             total_steps=10 ** 6, warmup_steps=10 ** 6 - 1, lora=lora, max_len=args.max_len,
+                             answer_max_len=48, standardize=True, event_modalities=ev)
+        torch.manual_seed(args.seed)
+        encoder, template, strategy = probe.build_encoder(spec)
+        t0 = time.perf_counter()
+        ds = data.UserDataset(records, template)
+        encode_s = time.perf_counter() - t0
+        lengths = np.asarray(ds.lengths)
+        towers = train.DualTower(encoder.train(), None)
+        opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
+        batches = [train.micro_batch(ds, order[i * args.batch:(i + 1) * args.batch].tolist(), 4, "cpu")
+                   for i in range(args.reps + 1)]
+        loss_fn = partial(ggsm.info_nce, tau=TAU, margin=MARGIN)
+        counter = [0]
+
+        def step(batches=batches, towers=towers, strategy=strategy, opt=opt, counter=counter):
+            b = batches[counter[0] % len(batches)]
+            train.train_step(towers, strategy, opt, [b], 0, loss_fn)
+            counter[0] += 1
+
+        steps[name] = step
+        out[name] = {"mean_length": float(lengths.mean()), "median_length": float(np.median(lengths)),
+                     "max_length": int(lengths.max()), "n_cut_events": int(ds.n_cut), "encode_data_s": encode_s}
+    times = time_interleaved(steps, args.reps, torch.device("cpu"))
+    for name in forms:
+        med = median(times[name])
+        out[name].update(times_s=times[name], median_step_s=med, users_per_s=args.batch / med)
+    out["load_average_after"] = list(os.getloadavg())
+    print(f"{args.data}: {len(records)} users; event form for {', '.join(text_modalities)}; batch {args.batch}, "
+          f"{args.reps} interleaved steps each, medians; {torch.get_num_threads()} threads; load average "
+          f"{load[0]:.2f} before, {out['load_average_after'][0]:.2f} after\n")
+    print("| form | mean user length | median | max | events cut | train step | users/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in forms:
+        r = out[name]
+        print(f"| {name} | {r['mean_length']:.1f} | {r['median_length']:.0f} | {r['max_length']} | {r['n_cut_events']} | "
+              f"{r['median_step_s'] * 1e3:.0f} ms | {r['users_per_s']:.1f} |")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
@@ -709,6 +773,16 @@ def main(argv=None):
     sp.add_argument("--reps", type=int, default=5, help="timed repetitions per solver (after one warm-up)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default=None, help="write the results as JSON here")
+    # --- events: text form vs the event-level form on a data set and base model (ours only)
+    se = sections.add_parser("events", help="text form vs event-level form: user lengths and train-step time")
+    se.add_argument("--model", required=True, help="Hugging Face folder (e.g. the default run's cache/tiny-*)")
+    se.add_argument("--data", required=True, help="training JSONL with answers (e.g. cache/synthetic-*/train.jsonl)")
+    se.add_argument("--max-len", type=int, default=256, help="user-side token budget (train.py's default)")
+    se.add_argument("--batch", type=int, default=32, help="users per step (train.py's default)")
+    se.add_argument("--reps", type=int, default=5, help="timed steps per form (after one warm-up)")
+    se.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--out", default=None, help="write the results as JSON here")
     # --- decoder sections: ours against transformers + peft
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true", help="tiny model and workloads (seconds; what the test runs)")
@@ -731,7 +805,7 @@ def main(argv=None):
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)
     args = parser.parse_args(argv)
-    result = bench_probe(args) if args.section == "probe" else bench_models(args)
+    result = {"probe": bench_probe, "events": bench_events}.get(args.section, bench_models)(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -253,6 +253,11 @@ class Template:
       file order among themselves (a file without times is read as already chronological; static
       features such as a tabular profile are the last to be cut).
     - An event is ' {text};' (text tokenized on its own) and/or one <VEC> placeholder for its vector.
+    - event_modalities (default none): the paper's event-level form for those modalities. An event's text
+      does not enter the sequence as subwords; event_encoder(ids of ' {text};') -> a (event_dim,) vector
+      goes through the modality's adapter at one <VEC> position, so the LLM sees one position per event.
+      The modality's vector width is event_dim (vectors a record brings for it must have that width and
+      share the adapter).
     - The suffix is ' Instruction: {query}' then <USER>; with no query (and no default_query) it is
       ' Instruction:' alone. With global_token=True, <GLOBAL> is the first token (hybrid_gq).
     - Too long: the oldest events are dropped first, across modalities (a block whose events are all
@@ -264,7 +269,8 @@ class Template:
     """
 
     def __init__(self, tokenizer, modalities, vector_dims=None, max_len=512, global_token=False,
-                 modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None):
+                 modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None,
+                 event_modalities=(), event_encoder=None, event_dim=None):
         config = {}
         if isinstance(tokenizer, (str, os.PathLike)):
             p = str(tokenizer)
@@ -286,6 +292,21 @@ class Template:
         if not self.modalities:
             raise ValueError("Template: no modalities")
         self.vector_dims = dict(vector_dims or {})
+        # paper [event inputs]: each event is encoded by a modality encoder, then the modality's adapter, one
+        # position per event; default here: subword tokens (event_modalities empty)
+        self.event_modalities = list(event_modalities)
+        self.event_encoder = event_encoder
+        if self.event_modalities:
+            unknown = [m for m in self.event_modalities if m not in self.modalities]
+            if unknown:
+                raise ValueError(f"Template: event_modalities {unknown} are not among the modalities {self.modalities}")
+            if event_encoder is None or not event_dim:
+                raise ValueError("Template: event_modalities need an event_encoder (ids -> vector) and its event_dim")
+            for m in self.event_modalities:
+                if self.vector_dims.get(m, event_dim) != event_dim:
+                    raise ValueError(f"Template: modality {m!r} in event form reads {event_dim}-wide vectors, but its "
+                                     f"records carry {self.vector_dims[m]}-wide ones")
+                self.vector_dims[m] = event_dim
         self.max_len, self.global_token, self.max_answer_len = max_len, global_token, max_answer_len
         self.modality_budget = dict(modality_budget or {})
         self.default_query = default_query
@@ -349,7 +370,8 @@ class Template:
                 text_of[i] = len(texts)
                 texts.append(event_piece(ev["text"]))
         ids_of = self._encode_texts(texts, who)
-        cost = [len(ids_of[text_of[i]]) if i in text_of else 0 for i in range(len(events))]
+        as_event = {i for i in text_of if events[i]["modality"] in self.event_modalities}  # one position each
+        cost = [1 if i in as_event else len(ids_of[text_of[i]]) if i in text_of else 0 for i in range(len(events))]
         cost = [c + (ev.get("vector") is not None) for c, ev in zip(cost, events)]
 
         q = record.get("query") if record.get("query") is not None else self.default_query
@@ -383,7 +405,11 @@ class Template:
                 continue
             ids.append(self.open_id[m])
             for i in mine:
-                if i in text_of:
+                if i in as_event:  # the event's text as one vector: frozen encoder here, the adapter in the model
+                    vector_pos.setdefault(m, []).append(len(ids))
+                    vectors.setdefault(m, []).append(self.event_encoder(ids_of[text_of[i]]))
+                    ids.append(self.vec_id)
+                elif i in text_of:
                     ids.extend(ids_of[text_of[i]])
                 if events[i].get("vector") is not None:
                     vector_pos.setdefault(m, []).append(len(ids))

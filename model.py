@@ -644,6 +644,19 @@ class ModalityAdapter(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
+def frozen_token_mean(decoder):
+    """The default event encoder of the event-level form (data.Template event_modalities): an event's token ids ->
+    the mean of the decoder's frozen input-embedding rows, a (D,) float32 array. It needs no download (the paper
+    uses one gte-base-zh per modality; a record's own precomputed `vector` events take the same adapter path). The
+    base rows never train, so each event is encoded once, with the data."""
+    W = decoder.model.embed_tokens.weight.detach().float().cpu()  # (V, D)
+
+    def encode(ids):
+        return W[torch.as_tensor(ids, dtype=torch.long)].mean(0).numpy()  # (D,)
+
+    return encode
+
+
 class UserEncoder(nn.Module):
     """
     Token ids (+ event vectors) -> decoder -> pooled, optionally projected, L2-normalised embedding (B, E).

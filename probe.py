@@ -507,6 +507,7 @@ class RunSpec:
     pooling: str = "token"           # model.UserEncoder pooling
     projector: list = None           # dims after the hidden size, or None
     standardize: bool = False        # model.UserEncoder per-tower standardisation
+    event_modalities: list = field(default_factory=list)  # modalities in the event-level form (data.Template)
 
     def to_dict(self):
         return asdict(self)
@@ -514,6 +515,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d, where="spec"):
         names = [f.name for f in fields(cls)]
+        d = {"event_modalities": [], **d}  # a spec saved before the event form: text only
         missing, unexpected = [k for k in names if k not in d], sorted(k for k in d if k not in names)
         if missing or unexpected:
             raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unexpected}")
@@ -527,16 +529,20 @@ def build_encoder(spec, device="cpu"):
     decoder = model.Decoder.from_pretrained(spec.base_model, dtype=getattr(torch, spec.dtype), device=device)
     cfg = decoder.config
     strategy_cls = ggsm.STRATEGIES[spec.mask]
+    events = {}
+    if spec.event_modalities:  # one position per event: the frozen base embeddings pooled, then the adapter
+        events = dict(event_modalities=spec.event_modalities, event_encoder=model.frozen_token_mean(decoder),
+                      event_dim=cfg.hidden_size)
     template = data.Template(os.path.join(spec.base_model, "tokenizer.json"), spec.modalities, spec.vector_dims,
                              max_len=spec.max_len, global_token=strategy_cls.global_token,
-                             max_answer_len=spec.answer_max_len)
+                             max_answer_len=spec.answer_max_len, **events)
     if spec.lora:
         lora = spec.lora
         model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
     else:
         decoder.requires_grad_(False)
     projector = [cfg.hidden_size] + list(spec.projector) if spec.projector else None
-    encoder = model.UserEncoder(decoder, template.special_token_ids, spec.vector_dims,
+    encoder = model.UserEncoder(decoder, template.special_token_ids, template.vector_dims,  # + event-form widths
                                 pooling=spec.pooling, projector_dims=projector, standardize=spec.standardize).to(device)
     strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
                             hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads,

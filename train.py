@@ -64,6 +64,7 @@ def get_args(argv=None):
     # model
     # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
+    p.add_argument("--event-modalities", default="", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; default none")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (paper: 64)")
@@ -288,7 +289,8 @@ def make_spec(args, model_dir, report):
         dtype=args.dtype,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
-        projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")])
+        projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")],
+        event_modalities=[m for m in getattr(args, "event_modalities", "").split(",") if m])
 
 
 # -----------------------------------------------------------------------------
@@ -486,6 +488,9 @@ def prepare_data(args, ddp, master, log):
         sys.exit(f"error: {e}")
     if report.n_bad:
         log(str(report))
+    unknown = [m for m in getattr(args, "event_modalities", "").split(",") if m and m not in report.modalities]
+    if unknown:
+        sys.exit(f"error: --event-modalities {','.join(unknown)}: not among the data's modalities {report.modalities}")
     return records, report, train_path, probe_path
 
 

@@ -254,6 +254,40 @@ def test_truncation_keeps_latest_events(tok):
         template(tok, max_len=3).encode_user(rec)
 
 
+def test_event_form_one_position_per_event(tok):
+    """Event-level form for bill: each bill event is one <VEC> position whose vector is event_encoder(the ids the text
+    form would have written); search stays subwords; the other positions and the cut are unchanged otherwise."""
+    def encoder(ids):  # a known function of the ids, so the vector can be checked against them
+        return np.array([len(ids), sum(ids), ids[0]], dtype=np.float32)
+
+    text_t = template(tok)
+    ev_t = template(tok, event_modalities=["bill"], event_encoder=encoder, event_dim=3)
+    assert ev_t.vector_dims == {"tabular": 3, "bill": 3} and text_t.vector_dims == {"tabular": 3}
+    enc = ev_t.encode_user(REC)
+    ids = enc["input_ids"]
+    s = ev_t.tokenizer.decode(ids, skip_special_tokens=False)
+    assert s == ("<bill><VEC><VEC><VEC></bill><search> weather today;</search><tabular><VEC></tabular>"
+                 " Instruction: what next<USER>")
+    bills = ["grocery 30", "cinema 45", "metro 4"]  # oldest first
+    want = [encoder(text_t.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids) for b in bills]
+    assert [ids[c] for c in enc["vector_pos"]["bill"]] == [ev_t.vec_id] * 3 and enc["vector_pos"]["bill"] == [1, 2, 3]
+    assert np.array_equal(np.stack(enc["vectors"]["bill"]), np.stack(want))
+    assert enc["vectors"]["tabular"] == [[1.0, 2.0, 3.0]]
+    n_text = len(text_t.encode_user(REC)["input_ids"])
+    bill_tokens = sum(len(text_t.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids) for b in bills)
+    assert len(ids) == n_text - bill_tokens + 3  # one position per bill event
+    # a batch carries the event vectors like any vector (the model runs the bill adapter on them)
+    ds = data.UserDataset([dict(REC, answer="a")], ev_t)
+    b = data.collate([ds[0]])
+    assert b.user.vectors["bill"].shape == (3, 3) and b.user.vector_pos["bill"].tolist() == [[0, 1], [0, 2], [0, 3]]
+    with pytest.raises(ValueError, match="reads 4-wide vectors"):
+        template(tok, event_modalities=["tabular"], event_encoder=encoder, event_dim=4)
+    with pytest.raises(ValueError, match="not among the modalities"):
+        template(tok, event_modalities=["app"], event_encoder=encoder, event_dim=3)
+    with pytest.raises(ValueError, match="need an event_encoder"):
+        template(tok, event_modalities=["bill"])
+
+
 def test_modality_budget(tok):
     events = [{"modality": "bill", "time": i, "text": "metro 4"} for i in range(5)] + \
              [{"modality": "search", "time": 0, "text": "weather today"}]

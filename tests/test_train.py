@@ -317,3 +317,44 @@ def test_causal_lm_builder_chunks_change_nothing_but_padding(workdir, tmp_path):
     assert built[1][0]["first_loss"] == pytest.approx(built[4][0]["first_loss"], abs=1e-5)
     assert built[1][0]["last_loss"] == pytest.approx(built[4][0]["last_loss"], abs=1e-5)
     assert max_diff(built[1][1], built[4][1]) < 1e-5
+
+
+def test_event_form_trains_resumes_and_probes(workdir):
+    """--event-modalities: one position per event of those modalities (the frozen base embeddings pooled over the
+    event's tokens, then the modality adapter); trains, resumes and probes; probe.py rebuilds the same template.
+    The spliced vector of an event is adapter(mean of the frozen rows of its tokens), checked by hand."""
+    import model
+    import probe
+    out = str(workdir["root"] / "events")
+    argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
+            "--event-modalities", "bill,search", "--steps", "3", "--batch-size", "8", "--micro-batch", "4",
+            "--log-every", "1", "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"]
+    assert train.main(argv + ["--halt-after", "1"]) is None
+    result = train.main(["--out", out, "--resume"])
+    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+        spec = probe.RunSpec.from_dict(json.load(f)["spec"])
+    assert spec.event_modalities == ["bill", "search"]
+    sd = load_file(os.path.join(out, "checkpoint", "trainable.safetensors"))
+    assert {"encoder.adapters.bill.fc1.weight", "encoder.adapters.search.fc1.weight"} <= set(sd)
+    again = probe.main(["--checkpoint", os.path.join(out, "checkpoint"), "--data", workdir["probe"]])
+    assert again["tasks"] == result["tasks"]
+    # the rebuilt template: bill and search events are single positions whose vectors are the frozen token means
+    encoder, template, _ = probe.build_encoder(spec)
+    rec = data.load_records(workdir["probe"], require=("labels",))[0][0]
+    text = data.Template(os.path.join(workdir["model"], "tokenizer.json"), template.modalities, {"tabular": 8},
+                         max_len=10_000)
+    enc_ev, enc_txt = template.encode_user(rec), text.encode_user(rec)
+    bills = [e["text"] for e in sorted((e for e in rec["events"] if e["modality"] == "bill"), key=lambda e: e["time"])]
+    W = encoder.decoder.model.embed_tokens.weight.detach().float()
+    keep = len(enc_ev["vectors"]["bill"])  # the most recent bill events that fit in --max-len
+    for b, v in zip(bills[-keep:], enc_ev["vectors"]["bill"]):
+        ids = text.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids
+        assert torch.allclose(torch.as_tensor(v), W[ids].mean(0), atol=1e-6)
+    assert len(enc_ev["input_ids"]) < len(enc_txt["input_ids"])
+    # and the encoder splices adapter(vector) at those positions
+    batch = data.collate([data.UserDataset([rec], template, with_answer=False)[0]])
+    x = encoder.embed(batch.user.input_ids, batch.user.vectors, batch.user.vector_pos)
+    col = enc_ev["vector_pos"]["bill"][0]
+    with torch.no_grad():
+        want = encoder.adapters["bill"](torch.as_tensor(enc_ev["vectors"]["bill"][0])[None])[0]
+    assert torch.allclose(x[0, col], want, atol=1e-6)
