@@ -721,7 +721,7 @@ def bench_events(args):
     for name, ev in forms.items():
         spec = probe.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, mask="ggsm",
                              total_steps=10 ** 6, warmup_steps=10 ** 6 - 1, lora=lora, max_len=args.max_len,
-                             answer_max_len=48, standardize=True, event_modalities=ev)
+                             answer_max_len=48, standardize=True, event_modalities=ev, preamble=args.preamble)
         torch.manual_seed(args.seed)
         encoder, template, strategy = probe.build_encoder(spec)
         t0 = time.perf_counter()
@@ -779,6 +779,7 @@ def main(argv=None):
     se.add_argument("--data", required=True, help="training JSONL with answers (e.g. cache/synthetic-*/train.jsonl)")
     se.add_argument("--max-len", type=int, default=256, help="user-side token budget (train.py's default)")
     se.add_argument("--batch", type=int, default=32, help="users per step (train.py's default)")
+    se.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence ('' for none)")
     se.add_argument("--reps", type=int, default=5, help="timed steps per form (after one warm-up)")
     se.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     se.add_argument("--seed", type=int, default=0)

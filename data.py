@@ -6,7 +6,7 @@ What this file holds (nothing here is model code; the modality adapters live in 
   `LoadReport` that is printed (never dropped silently);
 - the input template of App. A.1 / Eq. 10 of "How Do Decoder-Only LLMs Perceive Users? Rethinking
   Attention Masking for User Representation Learning" (arXiv 2602.10622):
-      <bill> … </bill> <minipro> … </minipro> <spm> … </spm> <app> … </app> <search> … </search>
+      {PREAMBLE} <bill> … </bill> <minipro> … </minipro> <spm> … </spm> <app> … </app> <search> … </search>
       <tabular> … </tabular> Instruction: {query} <USER>
   tokenized with `tokenizers`; events that carry a `vector` become one `<VEC>` placeholder whose
   position and vector travel with the batch (model.py splices the adapter output in);
@@ -41,6 +41,12 @@ MODALITY_ORDER = ("bill", "minipro", "spm", "app", "search", "tabular")  # paper
 TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
 
 VEC_TOKEN, USER_TOKEN, GLOBAL_TOKEN = "<VEC>", "<USER>", "<GLOBAL>"
+# paper [template opening sentence]: App. A.1 opens the template with this sentence, naming each source's data with a
+# symbol (B_i, M_i, S_i, A_i, R_i, T_i); the blocks themselves follow here, so the symbols are left out.
+# Template(preamble="") / train.py --preamble "" drops it.
+PREAMBLE = ("The following presents heterogeneous user data collected from multiple sources, including PayBill "
+            "transactions, Mini Program interaction logs, Super Position Model paths, App interaction records, "
+            "homepage search queries, and structured tabular features:")
 # Tried in order when the tokenizer (or a tokenizer_config.json beside it) does not name them.
 EOS_CANDIDATES = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -246,6 +252,8 @@ class Template:
     """Turns a record into token ids.
 
     Choices (the paper fixes the tag order, not these details):
+    - The sequence opens with `preamble` (default PREAMBLE, the paper's opening sentence; "" for none), after
+      <GLOBAL> when there is one; it is never cut.
     - Blocks follow order_modalities(modalities); a block is written only for a modality the record
       has (no empty '<app></app>' pairs), so every tag costs a token only when it carries events.
     - Inside a block, events are ordered oldest first by `time`, so the most recent events sit
@@ -270,7 +278,7 @@ class Template:
 
     def __init__(self, tokenizer, modalities, vector_dims=None, max_len=512, global_token=False,
                  modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None,
-                 event_modalities=(), event_encoder=None, event_dim=None):
+                 event_modalities=(), event_encoder=None, event_dim=None, preamble=PREAMBLE):
         config = {}
         if isinstance(tokenizer, (str, os.PathLike)):
             p = str(tokenizer)
@@ -335,6 +343,8 @@ class Template:
             (t for t in PAD_CANDIDATES if tokenizer.token_to_id(t) is not None), eos)
         self.eos_token, self.pad_token = eos, pad
         self.eos_id, self.pad_id = tokenizer.token_to_id(eos), tokenizer.token_to_id(pad)
+        self.preamble = preamble
+        self.preamble_ids = self._encode_texts([preamble], "preamble")[0] if preamble else []
 
     def _encode_texts(self, texts, who):
         encs = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
@@ -376,9 +386,9 @@ class Template:
 
         q = record.get("query") if record.get("query") is not None else self.default_query
         suffix = self._encode_texts([" Instruction:" + (" " + q if q else "")], who)[0] + [self.user_id]
-        fixed = len(suffix) + int(bool(self.global_token))
+        fixed = len(suffix) + int(bool(self.global_token)) + len(self.preamble_ids)
         if fixed > self.max_len:
-            raise ValueError(f"{who}: query: {fixed} tokens with <USER>, more than max_len={self.max_len}")
+            raise ValueError(f"{who}: query: {fixed} tokens with <USER> and the preamble, more than max_len={self.max_len}")
 
         # newest first; per-modality budgets, then the global budget (tags counted per kept block)
         order = sorted(range(len(events)), key=lambda i: keys[i], reverse=True)
@@ -396,7 +406,7 @@ class Template:
             total += add
         n_cut = len(events) - len(kept)
 
-        ids = [self.global_id] if self.global_token else []
+        ids = ([self.global_id] if self.global_token else []) + self.preamble_ids
         start = len(ids)  # the history segment opens with the first modality tag
         vector_pos, vectors = {}, {}
         for m in self.modalities:
@@ -698,10 +708,13 @@ def write_synthetic(out_dir, n_train=4000, n_probe=2000, seed=0):
     return tuple(paths)
 
 
-def record_texts(records, answers=True):
+def record_texts(records, answers=True, preamble=PREAMBLE):
     """Every event text, query and (unless answers=False) answer, spelled as the template spells them
-    (' text;' with the leading space), so BPE merges learned from this corpus are the ones the template uses."""
+    (' text;' with the leading space), and the template's preamble once per record, so BPE merges learned from
+    this corpus are the ones the template uses."""
     for rec in records:
+        if preamble:
+            yield preamble
         for ev in rec["events"]:
             if ev.get("text") is not None:
                 yield event_piece(ev["text"])

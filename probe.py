@@ -508,6 +508,7 @@ class RunSpec:
     projector: list = None           # dims after the hidden size, or None
     standardize: bool = False        # model.UserEncoder per-tower standardisation
     event_modalities: list = field(default_factory=list)  # modalities in the event-level form (data.Template)
+    preamble: str = data.PREAMBLE    # the template's opening sentence (App. A.1); "" for none
 
     def to_dict(self):
         return asdict(self)
@@ -515,7 +516,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d, where="spec"):
         names = [f.name for f in fields(cls)]
-        d = {"event_modalities": [], **d}  # a spec saved before the event form: text only
+        d = {"event_modalities": [], "preamble": "", **d}  # saved before these fields: text form, no preamble
         missing, unexpected = [k for k in names if k not in d], sorted(k for k in d if k not in names)
         if missing or unexpected:
             raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unexpected}")
@@ -535,7 +536,7 @@ def build_encoder(spec, device="cpu"):
                       event_dim=cfg.hidden_size)
     template = data.Template(os.path.join(spec.base_model, "tokenizer.json"), spec.modalities, spec.vector_dims,
                              max_len=spec.max_len, global_token=strategy_cls.global_token,
-                             max_answer_len=spec.answer_max_len, **events)
+                             max_answer_len=spec.answer_max_len, preamble=spec.preamble, **events)
     if spec.lora:
         lora = spec.lora
         model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
@@ -649,7 +650,7 @@ def oracle_spec(spec):
     """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
     rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
     return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
-                   answer_max_len=spec.answer_max_len, pooling=spec.pooling)
+                   answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
 
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
@@ -682,6 +683,7 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
+    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence for --model ('' for none)")
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
@@ -713,7 +715,8 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             sys.exit(f"error: --model {args.model}: no config.json")
         # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
-        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len)
+        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
+                       preamble=args.preamble)
         encoder, template, strategy = build_encoder(spec, args.device)
         name = args.name or "oracle"
     return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,

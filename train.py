@@ -64,6 +64,7 @@ def get_args(argv=None):
     # model
     # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
+    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence (App. A.1; default: the paper's); '' for none")
     p.add_argument("--event-modalities", default="", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; default none")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")
@@ -290,7 +291,8 @@ def make_spec(args, model_dir, report):
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
         projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")],
-        event_modalities=[m for m in getattr(args, "event_modalities", "").split(",") if m])
+        event_modalities=[m for m in getattr(args, "event_modalities", "").split(",") if m],
+        preamble=getattr(args, "preamble", ""))  # a run saved before the option had none
 
 
 # -----------------------------------------------------------------------------
@@ -350,11 +352,12 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
     os.makedirs(tmp, exist_ok=True)
     # the users' side only (histories, queries): the answers are the contrastive targets, so a decoder that had
     # learnt to predict them would not be the untrained Oracle the paper compares against
-    tok = data.train_tokenizer(data.record_texts(records, answers=False), args.tiny_vocab)
+    preamble = getattr(args, "preamble", "")  # a run saved before the option had none
+    tok = data.train_tokenizer(data.record_texts(records, answers=False, preamble=preamble), args.tiny_vocab)
     # the Template adds its tag / <VEC> / <USER> / <GLOBAL> tokens to the vocabulary before the decoder exists,
     # so the pretrained decoder has real rows for them
     template = data.Template(tok, report.modalities, report.vector_dims, max_len=args.max_len, global_token=True,
-                             max_answer_len=args.answer_max_len)
+                             max_answer_len=args.answer_max_len, preamble=preamble)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     cfg = model.ModelConfig(
         model_type="qwen2", vocab_size=tok.get_vocab_size(), hidden_size=args.tiny_hidden,
@@ -500,6 +503,8 @@ def prepare_model(args, records, report, train_path, ddp, master, device, log):
         return args.model
     # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
     recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed, "user-side"]
+    if getattr(args, "preamble", ""):  # its text shapes the tokenizer and the LM sequences (none: the former key)
+        recipe.append(args.preamble)
     recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
     model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
     if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):

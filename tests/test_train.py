@@ -15,6 +15,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4", "--tiny-kv-heads", "2",
         "--tiny-vocab", "400", "--tiny-steps", "4", "--tiny-batch", "8", "--max-len", "96", "--answer-max-len", "24"]
+NO_PREAMBLE = ["--preamble", ""]  # a 400-token BPE spells the opening sentence in ~140 tokens: no room at --max-len 96
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def workdir(tmp_path_factory):
     """Synthetic users and a small decoder built by train.py's own causal-LM objective (shared by the tests)."""
     root = tmp_path_factory.mktemp("train")
     train_path, probe_path = data.write_synthetic(str(root / "data"), 48, 160, seed=3)
-    args = train.get_args(["--data", train_path] + TINY)
+    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
     records, report = data.load_records(train_path, require=("answer",))
     model_dir = train.build_tiny_decoder(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
     return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
@@ -51,7 +52,7 @@ def max_diff(a, b):
 
 def common(w, out, *extra):
     return ["--model", w["model"], "--data", w["train"], "--no-probe", "--out", out, "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", *extra]
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", "--preamble", "", *extra]
 
 
 @pytest.mark.parametrize("mask, micro, extra", [("ggsm", 4, ["--no-standardize"]), ("hybrid_mlp", 2, ["--no-standardize"]),
@@ -98,7 +99,7 @@ def test_resume_matches_uninterrupted(workdir):
 
 def test_causal_lm_builder_lowers_loss_and_loads(workdir, tmp_path):
     args = train.get_args(["--data", workdir["train"]] + TINY[:-6] + ["--tiny-steps", "30", "--max-len", "96",
-                                                                        "--answer-max-len", "24"])
+                                                                        "--answer-max-len", "24"] + NO_PREAMBLE)
     records, report = data.load_records(workdir["train"], require=("answer",))
     out = train.build_tiny_decoder(args, records, report, str(tmp_path / "lm"), torch.device("cpu"), lambda m: None)
     with open(os.path.join(out, "pretrain.json")) as f:
@@ -106,7 +107,7 @@ def test_causal_lm_builder_lowers_loss_and_loads(workdir, tmp_path):
     assert stats["last_loss"] < stats["first_loss"] - 0.5, stats  # nats per token, far beyond batch noise
     import model
     dec = model.Decoder.from_pretrained(out)
-    tpl = data.Template(os.path.join(out, "tokenizer.json"), report.modalities, report.vector_dims, max_len=96)
+    tpl = data.Template(os.path.join(out, "tokenizer.json"), report.modalities, report.vector_dims, max_len=96, preamble="")
     ids = torch.tensor([tpl.encode_user(records[0])["input_ids"]])
     assert ids.max() < dec.config.vocab_size  # the template's special tokens are in the built vocabulary
     assert torch.isfinite(dec.logits(dec(input_ids=ids))).all()
@@ -116,7 +117,8 @@ def test_default_job_in_miniature(tmp_path):
     """`python train.py` with reduced sizes: builds data and decoder, trains GG-SM, probes all nine tasks."""
     out = tmp_path / "run"
     result = train.main(["--cache", str(tmp_path / "cache"), "--out", str(out), "--synthetic-train", "64",
-                         "--synthetic-probe", "240", "--steps", "3", "--batch-size", "16", "--micro-batch", "8"] + TINY)
+                         "--synthetic-probe", "240", "--steps", "3", "--batch-size", "16", "--micro-batch", "8"] + TINY
+                        + ["--max-len", "256"])  # the default template, the opening sentence included
     with open(out / "probe.json") as f:
         pj = json.load(f)
     assert set(pj["tasks"]) == set(data.TASKS)
@@ -127,6 +129,8 @@ def test_default_job_in_miniature(tmp_path):
     assert 0 < pj["delta"]["se"] < 0.2 and 0 < pj["mean_auc_se"] < 0.2 and 0 < pj["oracle"]["mean_auc_se"] < 0.2
     for name in ("args.json", "metrics.jsonl", "checkpoint/trainable.safetensors", "checkpoint/state.json"):
         assert (out / name).exists(), name
+    with open(out / "checkpoint" / "state.json") as f:
+        assert json.load(f)["spec"]["preamble"] == data.PREAMBLE
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -215,7 +219,7 @@ def test_probe_cli_export_then_reprobe(workdir, tmp_path):
     import probe
     emb = str(tmp_path / "emb.safetensors")
     first = probe.main(["--model", workdir["model"], "--data", workdir["probe"], "--out", str(tmp_path / "a.json"),
-                        "--export", emb, "--max-len", "96"])
+                        "--export", emb, "--max-len", "96"] + NO_PREAMBLE)
     again = probe.main(["--embeddings", emb, "--data", workdir["probe"], "--out", str(tmp_path / "b.json")])
     assert first["mask"] == "oracle" and again["mask"] == "oracle"
     assert set(first["tasks"]) == set(data.TASKS)
@@ -267,7 +271,7 @@ def test_a_strategy_defined_here_trains_resumes_and_probes(workdir, monkeypatch)
     out = str(workdir["root"] / "head-future")
     argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
             "--mask", "head_future", "--steps", "4", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"]
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"] + NO_PREAMBLE
     assert train.main(argv + ["--halt-after", "2"]) is None
     with open(os.path.join(out, "checkpoint", "state.json")) as f:
         assert json.load(f)["step"] == 2
@@ -328,7 +332,7 @@ def test_event_form_trains_resumes_and_probes(workdir):
     out = str(workdir["root"] / "events")
     argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
             "--event-modalities", "bill,search", "--steps", "3", "--batch-size", "8", "--micro-batch", "4",
-            "--log-every", "1", "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"]
+            "--log-every", "1", "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"] + NO_PREAMBLE
     assert train.main(argv + ["--halt-after", "1"]) is None
     result = train.main(["--out", out, "--resume"])
     with open(os.path.join(out, "checkpoint", "state.json")) as f:
@@ -342,7 +346,7 @@ def test_event_form_trains_resumes_and_probes(workdir):
     encoder, template, _ = probe.build_encoder(spec)
     rec = data.load_records(workdir["probe"], require=("labels",))[0][0]
     text = data.Template(os.path.join(workdir["model"], "tokenizer.json"), template.modalities, {"tabular": 8},
-                         max_len=10_000)
+                         max_len=10_000, preamble="")
     enc_ev, enc_txt = template.encode_user(rec), text.encode_user(rec)
     bills = [e["text"] for e in sorted((e for e in rec["events"] if e["modality"] == "bill"), key=lambda e: e["time"])]
     W = encoder.decoder.model.embed_tokens.weight.detach().float()
