@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import cache
 import data
 import ggsm
 import model
@@ -593,7 +594,11 @@ def load_checkpoint(checkpoint_dir, device="cpu"):
 def embed_records(encoder, template, strategy, records, device, batch_size=64):
     """Embeddings (N, E) of records in file order, under the strategy's inference mask. Users are batched
     by length (less padding); the result does not depend on the batching (tests/test_probe.py)."""
-    ds = data.UserDataset(records, template, with_answer=False)
+    return embed_dataset(encoder, data.UserDataset(records, template, with_answer=False), strategy, device, batch_size)
+
+
+def embed_dataset(encoder, ds, strategy, device, batch_size=64):
+    """embed_records on an encoded dataset (data.UserDataset, or cache.EncodedDataset read from a cache folder)."""
     order = np.argsort(ds.lengths, kind="stable")
     batches = [data.collate([ds[int(j)] for j in order[i:i + batch_size]]) for i in range(0, len(ds), batch_size)]
     emb = embed_users(encoder, batches, strategy.inference_mask, device)
@@ -702,21 +707,46 @@ def oracle_spec(spec):
                    answer_max_len=spec.answer_max_len, pooling=spec.pooling)
 
 
+def cached_probe_set(data_path, cache_root, template, skip_bad=False):
+    """The labelled users of data_path as a cache.EncodedDataset under cache_root (encoded once per template)."""
+    fingerprint = cache.template_fingerprint(template)
+    folder = cache.ensure(data_path, cache_root, {"template": fingerprint}, lambda report: template, require=("labels",),
+                          skip_bad=skip_bad, with_answer=False, log=lambda m: print(m, file=sys.stderr))
+    return cache.EncodedDataset(folder, template)
+
+
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
-        batch_size=64, export=None, seed=0, baseline_spec=None):
+        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
     baseline_spec (e.g. oracle_spec(run's spec)), that untrained encoder is probed on the same users too,
-    as the "oracle" row with the paired difference."""
-    records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
-    if report.n_bad:
-        print(report, file=sys.stderr)
+    as the "oracle" row with the paired difference. cache_root: read the users from an encoded cache there
+    (cache.py; built on first use) instead of encoding the file in memory; the embeddings are the same."""
+    if cache_root is None:
+        records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+        if report.n_bad:
+            print(report, file=sys.stderr)
+        embed = lambda e, t, s: embed_records(e, t, s, records, device, batch_size)  # noqa: E731
+    else:
+        sets = {}  # one cache per template (the Oracle's may differ: no <GLOBAL>)
+
+        def dataset(t):
+            if id(t) not in sets:
+                sets[id(t)] = cached_probe_set(data_path, cache_root, t, skip_bad)
+            return sets[id(t)]
+        embed = lambda e, t, s: embed_dataset(e, dataset(t), s, device, batch_size)  # noqa: E731
+        records = dataset(template).records()  # user ids and labels only: what report_probe reads
+        report = cache.read_report(dataset(template).folder)
+        if report.n_bad:
+            print(report, file=sys.stderr)
     baseline = None
     if baseline_spec is not None:
         torch.manual_seed(seed)  # the untrained adapters' init, as probe.py --model --seed
         b_encoder, b_template, b_strategy = build_encoder(baseline_spec, device)
-        baseline = ("oracle", embed_records(b_encoder, b_template, b_strategy, records, device, batch_size))
-    return probe_records(encoder, template, strategy, records, device, name, checkpoint, out, export, batch_size, seed,
-                         baseline)
+        baseline = ("oracle", embed(b_encoder, b_template, b_strategy))
+    emb = embed(encoder, template, strategy)
+    if export:
+        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
+    return report_probe(emb, records, name, out, checkpoint, seed, baseline)
 
 
 def main(argv=None):
