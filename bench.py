@@ -59,9 +59,11 @@ scikit-learn, transformers and peft are dev requirements (requirements-dev.txt),
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -72,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cache
 import data
 import ggsm
 import model
@@ -670,6 +673,130 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     return result
 
 
+# -----------------------------------------------------------------------------
+# data: the encoded cache (cache.py) at growing numbers of users
+
+def _data_args(cache_dir):
+    """train.py's arguments as far as the data path reads them (its defaults: max_len 256, answer 48, GG-SM)."""
+    return train.get_args(["--data-cache", cache_dir, "--batch-size", "64", "--micro-batch", "32"])
+
+
+def _data_build_child(job):
+    """A fresh process: build (or find) the cache through train.ensure_train_cache as rank 0 of one; time, peak RSS."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    args = _data_args(job["cache_dir"])
+    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], False, True, lambda m: None)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _status_mb("VmHWM"), "folder": folder}
+
+
+def _data_old_child(job):
+    """A fresh process: the in-memory path (data.load_records + data.UserDataset), as --data-cache off."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    records, report = data.load_records(job["path"], require=("answer",))
+    t1 = time.perf_counter()
+    args = _data_args(job["cache_dir"])
+    data.UserDataset(records, train.train_template(args, job["model_dir"], report))
+    t2 = time.perf_counter()
+    return {"load_s": t1 - t0, "encode_s": t2 - t1, "seconds": t2 - t0, "peak_rss_mb": _status_mb("VmHWM")}
+
+
+def _data_rank(rank, job, queue):
+    """One gloo rank of a 2-rank job reading the cache as train.py does: rank 0 checks the cache (file hash), the
+    others wait for its folder; each opens the memory maps and materialises its own micro-batches for `steps`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["ranks"]), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(job["port"]))
+    torch.set_num_threads(1)
+    rss0 = _status_mb("VmRSS")  # the interpreter with torch, numpy, tokenizers imported
+    t0 = time.perf_counter()
+    ddp, rank, world, device = train.setup_dist()
+    args = _data_args(job["cache_dir"])
+    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], ddp, rank == 0, lambda m: None)
+    ds = cache.EncodedDataset(folder, train.train_template(args, job["model_dir"], report))
+    accum = args.batch_size // (args.micro_batch * world)
+    first = None
+    for step in range(job["steps"]):
+        for m in range(accum):
+            idx = train.micro_indices(len(ds), step, args.batch_size, args.micro_batch, world, rank, m, args.seed)
+            train.micro_batch(ds, idx, args.chunks, device)
+        if first is None:
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    queue.put({"rank": rank, "startup_s": first, "steps_s": total - first, "rss_start_mb": rss0,
+               "peak_rss_mb": _status_mb("VmHWM"), "peak_above_start_mb": _status_mb("VmHWM") - rss0})
+    train.shutdown(ddp)
+
+
+def bench_data(args):
+    """For each number of users: write the synthetic users once, build the cache (fresh process), then a 2-rank gloo
+    job reads it as train.py does; optionally the in-memory path for comparison."""
+    work = args.workdir
+    os.makedirs(work, exist_ok=True)
+    sizes = [int(x) for x in args.users.split(",")]
+    model_dir = os.path.join(work, "tokenizer")  # a folder with tokenizer.json, as a model folder has
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        seed_dir = os.path.join(work, "users-2000")
+        path, _ = data.write_synthetic(seed_dir, 2000, 0, seed=args.seed)
+        records, _ = data.load_records(path, require=("answer",))
+        tok = data.train_tokenizer(data.record_texts(records, answers=False), 1024)  # as train.py --model tiny
+        os.makedirs(model_dir, exist_ok=True)
+        tok.save(os.path.join(model_dir, "tokenizer.json"))
+    mp = multiprocessing.get_context("spawn")
+    rows = []
+    for n in sizes:
+        users = os.path.join(work, f"users-{n}")
+        path = os.path.join(users, "train.jsonl")
+        if not os.path.isfile(path):
+            print(f"writing {n} synthetic users to {users} (not timed)", flush=True)
+            data.write_synthetic(users, n, 0, seed=args.seed)
+        cache_dir = os.path.join(work, "encoded")
+        job = {"path": path, "model_dir": model_dir, "cache_dir": cache_dir, "steps": args.steps, "ranks": args.ranks}
+        row = {"users": n, "file_mb": os.path.getsize(path) / 2 ** 20}
+        if n <= args.old_upto:
+            with mp.Pool(1) as p:
+                row["in_memory"] = p.apply(_data_old_child, (job,))
+        # a fresh build each time: this size's caches live in their own folder, removed first
+        key_dir = os.path.join(cache_dir, f"users-{n}")
+        job["cache_dir"] = key_dir
+        shutil.rmtree(key_dir, ignore_errors=True)
+        with mp.Pool(1) as p:
+            row["build"] = p.apply(_data_build_child, (job,))
+        row["cache_mb"] = sum(os.path.getsize(os.path.join(row["build"]["folder"], f))
+                              for f in os.listdir(row["build"]["folder"])) / 2 ** 20
+        queue = mp.Queue()
+        job["port"] = 29500 + (os.getpid() + n) % 1000
+        procs = [mp.Process(target=_data_rank, args=(r, job, queue)) for r in range(args.ranks)]
+        for proc in procs:
+            proc.start()
+        ranks = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+        for proc in procs:
+            proc.join()
+        row["ranks"] = ranks
+        rows.append(row)
+        print(f"{n} users: build {row['build']['seconds']:.1f} s, start-up {max(r['startup_s'] for r in ranks):.2f} s, "
+              f"peak RSS per rank {max(r['peak_rss_mb'] for r in ranks):.0f} MiB", flush=True)
+    for a, b in zip(rows, rows[1:]):
+        decades = math.log10(b["users"] / a["users"])
+        grow = max(r["peak_rss_mb"] for r in b["ranks"]) - max(r["peak_rss_mb"] for r in a["ranks"])
+        b["rss_growth_per_10x_mb"] = grow / decades
+    print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work slows every number)")
+    print("| users | file | in-memory path (load + encode), peak RSS | cache build, peak RSS | cache size | "
+          f"start-up from the cache | peak RSS per rank ({args.ranks} gloo ranks, above start) | growth per 10x users |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        old = r.get("in_memory")
+        old_s = f"{old['seconds']:.1f} s ({old['load_s']:.1f} + {old['encode_s']:.1f}), {old['peak_rss_mb']:.0f} MiB" \
+            if old else "not run"
+        peak = max(x["peak_rss_mb"] for x in r["ranks"])
+        above = max(x["peak_above_start_mb"] for x in r["ranks"])
+        grow = f"{r['rss_growth_per_10x_mb']:+.0f} MiB" if "rss_growth_per_10x_mb" in r else "—"
+        print(f"| {r['users']:,} | {r['file_mb']:.0f} MB | {old_s} | {r['build']['seconds']:.1f} s, "
+              f"{r['build']['peak_rss_mb']:.0f} MiB | {r['cache_mb']:.0f} MB | "
+              f"{max(x['startup_s'] for x in r['ranks']):.2f} s | {peak:.0f} MiB ({above:+.0f}) | {grow} |")
+    return {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "steps": args.steps}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
@@ -703,8 +830,18 @@ def main(argv=None):
              "all": "every section above, one table"}
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)
+    # --- data: the encoded cache at growing numbers of users
+    sd = sections.add_parser("data", help="encoded cache: build time, start-up and peak RSS per rank as users grow")
+    sd.add_argument("--users", default="10000,100000", help="comma-separated numbers of synthetic users (1000000 when asked)")
+    sd.add_argument("--ranks", type=int, default=2, help="gloo ranks reading the cache")
+    sd.add_argument("--steps", type=int, default=20, help="optimizer steps of micro-batches each rank materialises")
+    sd.add_argument("--old-upto", type=int, default=10000, help="also time the in-memory path up to this many users")
+    sd.add_argument("--workdir", default="cache/bench-data", help="synthetic users, tokenizer and caches (reused)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = bench_probe(args) if args.section == "probe" else bench_models(args)
+    result = bench_probe(args) if args.section == "probe" else bench_data(args) if args.section == "data" \
+        else bench_models(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
