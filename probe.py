@@ -769,6 +769,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
+    p.add_argument("--data-cache", default=None, metavar="DIR|off",
+                   help="where --data is tokenized once and memory-mapped by later runs (cache.py); default: an "
+                        "'encoded' folder beside it; 'off': read and encode it in memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if args.export_peft or args.export_merged:
@@ -790,10 +793,13 @@ def main(argv=None):
         sys.exit("error: --data is required (labelled JSONL), unless only exporting with --export-peft / --export-merged")
     if not os.path.isfile(args.data):
         sys.exit(f"error: --data {args.data}: no such file")
-    try:
-        records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    cached = args.data_cache != "off" and not args.embeddings
+    root = os.path.join(os.path.dirname(os.path.abspath(args.data)), "encoded") if args.data_cache is None else args.data_cache
+    if not cached:
+        try:
+            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if args.embeddings:
         emb, ids, meta = load_embeddings(args.embeddings)
         pos = {u: i for i, u in enumerate(ids)}
@@ -804,6 +810,7 @@ def main(argv=None):
         return report_probe(emb, records, args.name or meta.get("mask", "embeddings"), args.out, meta.get("checkpoint"),
                             args.seed, test_frac=args.test_frac)
     torch.manual_seed(args.seed)
+    folder = None
     if args.checkpoint:
         if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
             sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
@@ -813,12 +820,36 @@ def main(argv=None):
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             sys.exit(f"error: --model {args.model}: no config.json")
+        if cached:  # the template's modalities are the file's: the cache's validation pass finds them
+            tok_path = os.path.join(args.model, "tokenizer.json")
+            settings = {"tokenizer_sha256": cache.file_sha256(tok_path), "max_len": args.max_len, "modalities": "the file's"}
+            make = lambda rep: data.Template(tok_path, rep.modalities, rep.vector_dims, max_len=args.max_len,  # noqa: E731
+                                             max_answer_len=RunSpec.answer_max_len)  # = build_encoder's, checked below
+            try:
+                folder = cache.ensure(args.data, root, settings, make, require=("labels",), skip_bad=args.skip_bad,
+                                      with_answer=False, log=lambda m: print(m, file=sys.stderr))
+            except ValueError as e:
+                sys.exit(f"error: {e}")
+            report = cache.read_report(folder)
         # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
         spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len)
         encoder, template, strategy = build_encoder(spec, args.device)
         name = args.name or "oracle"
-    return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
-                         args.export, args.batch_size, args.seed, test_frac=args.test_frac)
+    if not cached:
+        return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
+                             args.export, args.batch_size, args.seed, test_frac=args.test_frac)
+    try:
+        ds = cache.EncodedDataset(folder, template) if folder else cached_probe_set(args.data, root, template, args.skip_bad)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    rep = cache.read_report(ds.folder)
+    if rep.n_bad:  # said while building; said again when the cache is reused
+        print(f"warning: {rep}", file=sys.stderr)
+    records = ds.records()  # user ids and labels: what report_probe reads
+    emb = embed_dataset(encoder, ds, strategy, args.device, args.batch_size)
+    if args.export:
+        save_embeddings(args.export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": args.checkpoint})
+    return report_probe(emb, records, name, args.out, args.checkpoint, args.seed, test_frac=args.test_frac)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,17 @@ def test_training_and_probe_same_as_in_memory(workdir):
     for row_a, row_b in ((pa, pb), (pa["oracle"], pb["oracle"])):
         assert row_a["mean_auc"] == row_b["mean_auc"] and row_a["mean_auc_se"] == row_b["mean_auc_se"]
         assert {t: r["auc"] for t, r in row_a["tasks"].items()} == {t: r["auc"] for t, r in row_b["tasks"].items()}
+    # probe.py alone, on the checkpoint and as the Oracle of the base: the cache (a fresh folder) = in memory
+    import probe
+    for source in (["--checkpoint", os.path.join(a, "checkpoint")], ["--model", workdir["model"], "--max-len", "96"]):
+        outs = []
+        for dc in ("off", str(workdir["root"] / "probe-cache")):
+            out = str(workdir["root"] / f"probe-{len(outs)}")
+            outs.append(probe.main(source + ["--data", workdir["probe"], "--data-cache", dc, "--export", out + ".st"]))
+            outs[-1]["emb"] = probe.load_embeddings(out + ".st")
+        assert outs[0]["mean_auc"] == outs[1]["mean_auc"] and outs[0]["tasks"] == outs[1]["tasks"]
+        assert np.array_equal(outs[0]["emb"][0], outs[1]["emb"][0]) and outs[0]["emb"][1] == outs[1]["emb"][1]
+    assert len(os.listdir(workdir["root"] / "probe-cache")) == 2  # one folder per template
 
 
 def test_probe_embeddings_same_as_in_memory(workdir, tmp_path):
