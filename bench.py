@@ -3,6 +3,7 @@ Benchmarks (not tests): each section is a subcommand that prints a markdown tabl
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
     python bench.py train|embed|ggsm|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
+    python bench.py data [--users 10000,100000] [--ranks 2] [--steps 20] [--old-upto 10000] [--out bench_data.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
 LogisticRegression(solver="lbfgs") at the same C on the same standardised features (synthetic
@@ -49,6 +50,17 @@ each side runs alone in a fresh process (multiprocessing spawn) that loads the m
 resident set (/proc/self/clear_refs), runs two steps and reads VmHWM: "step peak" is that peak minus the
 resident set after loading (the memory a step adds on top of the weights). The load average is reported:
 other work on the machine slows both sides alike but widens the spread.
+
+data: the encoded cache (cache.py) as the number of users grows. For each N, N synthetic users are written once
+(data.write_synthetic; not timed) and a byte-level BPE of 1,024 tokens (as train.py --model tiny trains) encodes
+them with train.py's defaults (max_len 256, answers 48). Measured, each in a fresh spawned process: the cache build
+(train.ensure_train_cache: file hash, validation line by line, tokenization, writing) with its peak RSS; then
+--ranks gloo ranks run train.py's data path: rank 0 checks the cache (hashing the file), the others wait for its
+folder, every rank memory-maps it and materialises its own micro-batches (train.micro_indices + micro_batch) for
+--steps optimizer steps of 64 users. "start-up" is the time from process start (after imports) to the first
+step's micro-batches; peak RSS is VmHWM (it counts the pages of the memory map a rank touched), also given above
+the rank's resident set after imports; "growth per 10x users" is the difference of peak RSS per decade of users.
+Up to --old-upto users the in-memory path (data.load_records + data.UserDataset, as --data-cache off) is timed too.
 
 Targets (measured, not asserted): train >= 1.0x transformers+peft tokens/s and <= 1.0x peak memory;
 GG-SM overhead <= 5%; embed >= 1.0x users/s.
