@@ -48,6 +48,7 @@ import data
 
 FORMAT = 1             # bump when the layout or the encoding changes: old folders are then not reused
 CHUNK_USERS = 20_000   # users encoded at once: bounds the numpy temporaries (about 1 KB per event)
+N_CHECK = 8            # the first and last N_CHECK users of every build are re-encoded by data.Template and compared
 
 
 def file_sha256(path):
@@ -216,10 +217,31 @@ def _ranges(starts, lens):
 
 def build(path, folder, key, make_template, require=(), skip_bad=False, with_answer=True, chunk=CHUNK_USERS):
     """Validate `path` line by line, encode it, write the cache folder atomically (see the module docstring)."""
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk)
+    except BaseException:  # an error or an interrupt leaves nothing behind, not even the temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # the folder appears whole under its final name or not at all; a concurrent builder of the same key may win
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(folder, "meta.json")):
+            raise
+    return folder
+
+
+def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk):
     report = data.LoadReport(path=str(path))
     c = _Collected()
+    head, tail = [], []  # (user number, record) of the first and last N_CHECK users, for the check at the end
     for lineno, rec in data.iter_records(path, skip_bad=skip_bad, report=report, require=tuple(require),
                                          with_lines=True):
+        (head if len(head) < N_CHECK else tail).append((len(c.uids), rec))
+        del tail[:-N_CHECK]
         c.add(lineno, rec)
     n = len(c.uids)
     if n == 0:
@@ -295,8 +317,6 @@ def build(path, folder, key, make_template, require=(), skip_bad=False, with_ans
         raise ValueError(f"{where(u)}: query: {fixed[u]} tokens with <USER>, more than max_len={template.max_len}")
 
     vec_mods = [m for m in template.modalities if m in template.vector_dims]
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     out_user = _Npy(os.path.join(tmp, "user_ids.npy"), np.int32)
     out_answer = _Npy(os.path.join(tmp, "answer_ids.npy"), np.int32) if with_answer else None
@@ -405,14 +425,29 @@ def build(path, folder, key, make_template, require=(), skip_bad=False, with_ans
                        "vector_dims": report.vector_dims, "modality_counts": report.modality_counts}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    # the folder appears whole under its final name or not at all; a concurrent builder of the same key may win
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(folder, "meta.json")):
-            raise
-    return folder
+    check_against_template(tmp, template, head + tail, path)
+
+
+def check_against_template(folder, template, sample, path):
+    """The vectorised encoding above restates data.Template.encode_user / encode_answer; a change to the template
+    that is not mirrored here must fail loudly, not train on other batches. sample: [(user number, record)],
+    re-encoded one user at a time by data.UserDataset and compared field by field with the cache."""
+    ds = EncodedDataset(folder, template)
+    ref = data.UserDataset([rec for _, rec in sample], template, with_answer=ds.with_answer)
+    for j, (u, rec) in enumerate(sample):
+        want, have = ref[j], ds[u]
+        want["index"] = u  # UserDataset numbers its own sample from 0
+        missing = sorted(set(want) - set(have))
+        if missing:
+            raise ValueError(f"{path}:{int(ds.lines[u])}: data.UserDataset's examples have fields {missing} that "
+                             "cache.py does not write: mirror the template change in cache.build (and bump FORMAT)")
+        for k in want:
+            same = (want[k].keys() == have[k].keys() and all(np.array_equal(want[k][m], have[k][m]) for m in want[k])
+                    ) if k == "vectors" else want[k] == have[k]
+            if not same:
+                raise ValueError(f"{path}:{int(ds.lines[u])}: user {rec['user_id']}: cache.py encodes {k} as "
+                                 f"{have[k]!r}, data.Template as {want[k]!r}: mirror the template change in "
+                                 "cache.build (and bump FORMAT)")
 
 
 # -----------------------------------------------------------------------------

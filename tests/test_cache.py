@@ -255,3 +255,40 @@ def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     w1, w2 = (load_file(os.path.join(r, "checkpoint", "trainable.safetensors")) for r in (one, two))
     assert max_diff(w1, w2) < 1e-5
+
+
+def test_a_template_change_not_mirrored_fails_the_build(tok, tmp_path, monkeypatch):
+    """cache.build restates data.Template; if the template changes (an opening sentence, a new example field) and
+    cache.py does not follow, the build re-encodes its first and last users with data.Template and stops."""
+    path = write_lines(tmp_path, [dict(GOOD, user_id=f"u{k}") for k in range(30)])
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    encode_user = data.Template.encode_user
+
+    def with_opening(self, record):  # what a template with an opening sentence would give
+        out = encode_user(self, record)
+        return dict(out, input_ids=[self.eos_id] + out["input_ids"], user_index=out["user_index"] + 1,
+                    vector_pos={m: [c + 1 for c in cols] for m, cols in out["vector_pos"].items()})
+    monkeypatch.setattr(data.Template, "encode_user", with_opening)
+    with pytest.raises(ValueError, match=r"users.jsonl:1: user u0: cache.py encodes input_ids as .* mirror the template"):
+        cache.ensure(path, str(tmp_path / "a"), {}, lambda r: tpl, log=lambda m: None)
+    monkeypatch.setattr(data.Template, "encode_user", encode_user)
+    init = data.UserDataset.__init__
+
+    def with_field(self, *a, **kw):
+        init(self, *a, **kw)
+        for ex in self.examples:
+            ex["history_end"] = 0
+    monkeypatch.setattr(data.UserDataset, "__init__", with_field)
+    with pytest.raises(ValueError, match=r"fields \['history_end'\] that cache.py does not write"):
+        cache.ensure(path, str(tmp_path / "b"), {}, lambda r: tpl, log=lambda m: None)
+    assert os.listdir(tmp_path / "a") == os.listdir(tmp_path / "b") == []  # not even the temporary folders
+
+
+def test_bench_data_runs(tmp_path):
+    """bench.py data end to end on small files: the in-memory path, the build and 2 gloo ranks reading the cache."""
+    import bench
+    out = bench.main(["data", "--users", "200,400", "--steps", "2", "--old-upto", "200", "--workdir", str(tmp_path)])
+    a, b = out["rows"]
+    assert (a["users"], b["users"]) == (200, 400) and "in_memory" in a and "in_memory" not in b
+    assert [r["rank"] for r in b["ranks"]] == [0, 1] and all(r["startup_s"] > 0 for r in b["ranks"])
+    assert b["build"]["folder"].startswith(str(tmp_path)) and "rss_growth_per_10x_mb" in b
