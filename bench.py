@@ -693,13 +693,14 @@ def _data_args(cache_dir):
     return train.get_args(["--data-cache", cache_dir, "--batch-size", "64", "--micro-batch", "32"])
 
 
-def _data_build_child(job):
-    """A fresh process: build (or find) the cache through train.ensure_train_cache as rank 0 of one; time, peak RSS."""
+def _data_build_child(job, queue):
+    """A fresh process: build (or find) the cache through train.ensure_train_cache as rank 0 of one; time, peak RSS
+    (of this process; the validation workers it starts for a large file have their own)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     args = _data_args(job["cache_dir"])
     folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], False, True, lambda m: None)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _status_mb("VmHWM"), "folder": folder}
+    queue.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _status_mb("VmHWM"), "folder": folder})
 
 
 def _data_old_child(job):
@@ -776,8 +777,11 @@ def bench_data(args):
         key_dir = os.path.join(cache_dir, f"users-{n}")
         job["cache_dir"] = key_dir
         shutil.rmtree(key_dir, ignore_errors=True)
-        with mp.Pool(1) as p:
-            row["build"] = p.apply(_data_build_child, (job,))
+        queue = mp.Queue()  # a plain process, not a Pool's daemon: the build may start its own workers
+        proc = mp.Process(target=_data_build_child, args=(job, queue))
+        proc.start()
+        row["build"] = queue.get(timeout=3600)
+        proc.join()
         row["cache_mb"] = sum(os.path.getsize(os.path.join(row["build"]["folder"], f))
                               for f in os.listdir(row["build"]["folder"])) / 2 ** 20
         queue = mp.Queue()

@@ -37,8 +37,10 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import sys
 from array import array
 
 import numpy as np
@@ -79,11 +81,12 @@ def _diff(want, have):
 # -----------------------------------------------------------------------------
 # finding or building a cache
 
-def ensure(path, root, settings, make_template, require=(), skip_bad=False, with_answer=True, log=print):
+def ensure(path, root, settings, make_template, require=(), skip_bad=False, with_answer=True, log=print, workers=None):
     """-> the cache folder of `path` under `root`, built first when missing.
     settings: JSON-able, everything that decides make_template's result besides the file (e.g. the tokenizer
     file's hash and the template options). make_template(report) -> the data.Template to encode with; it gets the
-    LoadReport of the validation pass (modalities and vector widths of the file)."""
+    LoadReport of the validation pass (modalities and vector widths of the file). workers: processes validating
+    parts of the file (see collect)."""
     key = {"format": FORMAT, "file_sha256": file_sha256(path), "require": sorted(require), "skip_bad": bool(skip_bad),
            "with_answer": bool(with_answer), "settings": settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -98,7 +101,7 @@ def ensure(path, root, settings, make_template, require=(), skip_bad=False, with
                              "(delete the folder to rebuild it)")
         return folder
     log(f"encoding {path} into {folder} (once; later runs memory-map it)")
-    build(path, folder, key, make_template, require, skip_bad, with_answer)
+    build(path, folder, key, make_template, require, skip_bad, with_answer, workers=workers)
     return folder
 
 
@@ -162,6 +165,133 @@ class _Collected:
             self.lab_val.append(y)
 
 
+def _scan(job):
+    """Validate and collect one part of a JSONL file: the lines that start in bytes [start, stop), the first of them
+    line number first_line. Each line goes through data.parse_line and data.validate_record, with the file:line
+    errors and the --skip-bad accounting of data.iter_records. -> dict(c, report, head, tail) or dict(error)."""
+    path, start, stop, line, skip_bad, require = (job[k] for k in ("path", "start", "stop", "first_line", "skip_bad",
+                                                                    "require"))
+    report = data.LoadReport(path=str(path))
+    c, head, tail = _Collected(), [], []  # head, tail: (user number, record) of the first and last N_CHECK users
+    base = os.path.basename(str(path))
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < stop:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            try:
+                rec = data.parse_line(raw, line)
+                if rec is not None:
+                    data.validate_record(rec, report.vector_dims, require)
+            except ValueError as e:
+                msg = f"{path}:{line}: {e}"
+                if not skip_bad:
+                    return {"error": msg}
+                report.n_bad += 1
+                if len(report.reasons) < data.MAX_REASONS:
+                    report.reasons.append(msg)
+                rec = None
+            if rec is not None:
+                rec["user_id"] = str(rec["user_id"]) if rec.get("user_id") is not None else f"{base}:{line}"
+                report.n_ok += 1
+                (head if len(head) < N_CHECK else tail).append((len(c.uids), rec))
+                del tail[:-N_CHECK]
+                c.add(line, rec)
+            line += 1
+    return {"c": c, "report": report, "head": head, "tail": tail}
+
+
+def _parts(path, n):
+    """n scan jobs over byte ranges of the file that start at line starts, with their first line numbers."""
+    size = os.path.getsize(path)
+    bounds = [0]
+    with open(path, "rb") as f:
+        for k in range(1, n):
+            f.seek(max(bounds[-1], size * k // n))
+            f.readline()  # on to the start of the next line
+            bounds.append(min(f.tell(), size))
+        bounds.append(size)
+        lines, pos = [1], 0
+        f.seek(0)
+        for b in bounds[1:-1]:  # newlines before each bound: the first line number of each part
+            lines.append(lines[-1] + f.read(b - pos).count(b"\n"))
+            pos = b
+    return [{"path": path, "start": a, "stop": b, "first_line": l} for a, b, l in zip(bounds, bounds[1:], lines) if b > a]
+
+
+def _merge(parts):
+    """The parts' collections as one (numpy arrays, string tables as lists in code order), the report as one pass
+    over the whole file would give it, and the check sample with global user numbers. Codes are remapped: each
+    part numbered its distinct strings itself."""
+    m = _Collected()
+    tables = {}
+    for name in ("texts", "queries", "answers", "mods", "tasks"):
+        merged = {}
+        tables[name] = [np.array([merged.setdefault(s, len(merged)) for s in getattr(p["c"], name)] or [0], np.int64)
+                        for p in parts]
+        setattr(m, name, list(merged))
+
+    def remap(field, table, dtype):  # -1 stays -1 (no text, no answer)
+        out = []
+        for p, t in zip(parts, tables[table]):
+            x = np.frombuffer(getattr(p["c"], field), dtype=dtype).astype(np.int64)
+            out.append(np.where(x >= 0, t[np.maximum(x, 0)], -1))
+        return np.concatenate(out)
+    m.ev_mod, m.ev_text = remap("ev_mod", "mods", np.int32), remap("ev_text", "texts", np.int32)
+    m.query, m.answer = remap("query", "queries", np.int32), remap("answer", "answers", np.int32)
+    m.lab_task = remap("lab_task", "tasks", np.int32)
+    users = np.cumsum([0] + [len(p["c"].uids) for p in parts])
+    vecs = np.cumsum([0] + [len(p["c"].vec_len) for p in parts])
+    m.ev_vec = np.concatenate([np.where(x >= 0, x + vecs[k], -1) for k, x in
+                               enumerate(np.frombuffer(p["c"].ev_vec, dtype=np.int64) for p in parts)])
+    m.lab_user = np.concatenate([np.frombuffer(p["c"].lab_user, dtype=np.int64) + users[k] for k, p in enumerate(parts)])
+    for field, dtype in (("ev_time", np.float64), ("vec_val", np.float64), ("vec_len", np.int32), ("n_ev", np.int64),
+                         ("line", np.int64), ("lab_val", np.int8)):
+        setattr(m, field, np.concatenate([np.frombuffer(getattr(p["c"], field), dtype=dtype) for p in parts]))
+    m.uids = [u for p in parts for u in p["c"].uids]
+    report = data.LoadReport(path=parts[0]["report"].path)
+    for p in parts:
+        r = p["report"]
+        report.n_ok, report.n_bad = report.n_ok + r.n_ok, report.n_bad + r.n_bad
+        report.reasons = (report.reasons + r.reasons)[:data.MAX_REASONS]
+        for mod, dim in r.vector_dims.items():
+            report.vector_dims.setdefault(mod, dim)
+    counts = np.bincount(m.ev_mod, minlength=len(m.mods))
+    report.modality_counts = {mod: int(k) for mod, k in zip(m.mods, counts)}
+    sample = [(u + users[k], rec) for k, p in enumerate(parts) for u, rec in p["head"] + p["tail"]]
+    sample = sorted({u: (u, rec) for u, rec in sample}.values(), key=lambda x: x[0])
+    return m, report, sample[:N_CHECK] + sample[-N_CHECK:] if len(sample) > 2 * N_CHECK else sample
+
+
+def collect(path, skip_bad=False, require=(), workers=None):
+    """The validation pass: -> (merged collection, LoadReport, check sample). With several workers (default: one per
+    CPU for files over 32 MiB) each validates a byte range of the file in its own process; when a part fails, or
+    parts disagree on a modality's vector width (the first one in the file sets it), the file is validated again in
+    one pass, so that errors and skipped lines are exactly those of data.iter_records."""
+    if workers is None:
+        workers = max(1, min(os.cpu_count() or 1, os.path.getsize(path) // (32 << 20)))
+    jobs = [dict(j, skip_bad=skip_bad, require=tuple(require)) for j in _parts(path, workers)]
+    results = None
+    if len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:  # spawn: safe next to torch and gloo
+            results = pool.map(_scan, jobs)
+        dims = {}
+        if any("error" in r for r in results) or any(dims.setdefault(mod, d) != d for r in results
+                                                      for mod, d in r["report"].vector_dims.items()):
+            results = None
+    if results is None:
+        results = [_scan(dict(jobs[0], stop=os.path.getsize(path), first_line=1, start=0))]
+        if "error" in results[0]:
+            raise ValueError(results[0]["error"])
+    m, report, sample = _merge(results)
+    if report.n_bad:
+        print(f"warning: {report}", file=sys.stderr)  # as data.iter_records says it at the end of its pass
+    return m, report, sample
+
+
 def _tokenize(template, strings, who, add=(), keep=None):
     """Distinct strings -> (flat ids int32, offsets (n + 1,) int64), each string encoded alone (encode_batch runs in
     Rust, in parallel), `add` appended after keeping the first `keep` ids. A string that tokenizes to a special
@@ -215,12 +345,13 @@ def _ranges(starts, lens):
     return np.repeat(np.asarray(starts, dtype=np.int64) - out_start, lens) + np.arange(int(lens.sum()))
 
 
-def build(path, folder, key, make_template, require=(), skip_bad=False, with_answer=True, chunk=CHUNK_USERS):
+def build(path, folder, key, make_template, require=(), skip_bad=False, with_answer=True, chunk=CHUNK_USERS,
+          workers=None):
     """Validate `path` line by line, encode it, write the cache folder atomically (see the module docstring)."""
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk)
+        _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk, workers)
     except BaseException:  # an error or an interrupt leaves nothing behind, not even the temporary folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,15 +365,8 @@ def build(path, folder, key, make_template, require=(), skip_bad=False, with_ans
     return folder
 
 
-def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk):
-    report = data.LoadReport(path=str(path))
-    c = _Collected()
-    head, tail = [], []  # (user number, record) of the first and last N_CHECK users, for the check at the end
-    for lineno, rec in data.iter_records(path, skip_bad=skip_bad, report=report, require=tuple(require),
-                                         with_lines=True):
-        (head if len(head) < N_CHECK else tail).append((len(c.uids), rec))
-        del tail[:-N_CHECK]
-        c.add(lineno, rec)
+def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk, workers):
+    c, report, sample = collect(path, skip_bad, require, workers)
     n = len(c.uids)
     if n == 0:
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
@@ -250,15 +374,11 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     where = lambda u: f"{path}:{c.line[u]}: user {c.uids[u]}"  # noqa: E731
 
     # per event (file order) and per user, as numpy views of the collected arrays
-    ev_mod, ev_text, ev_vec = (np.frombuffer(a, dtype=d) for a, d in
-                               ((c.ev_mod, np.int32), (c.ev_text, np.int32), (c.ev_vec, np.int64)))
-    ev_time = np.frombuffer(c.ev_time, dtype=np.float64)
-    n_ev = np.frombuffer(c.n_ev, dtype=np.int64)
+    ev_mod, ev_text, ev_vec, ev_time, n_ev = c.ev_mod, c.ev_text, c.ev_vec, c.ev_time, c.n_ev
     ev_off = _offsets(n_ev)                                         # (n + 1,)
     ev_user = np.repeat(np.arange(n), n_ev)                         # (E,)
-    vec_len = np.frombuffer(c.vec_len, dtype=np.int32)
+    vec_len, vec_val = c.vec_len, c.vec_val
     vec_start = _offsets(vec_len)[:-1]
-    vec_val = np.frombuffer(c.vec_val, dtype=np.float64)
 
     # the file's modality codes -> the template's block order; -1: a modality the template has no tags for
     M = len(template.modalities)
@@ -296,7 +416,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
                               lambda j: f"{where(first_user(c.query, j))}: query {spelled[j]!r}", add=[template.user_id])
     answers = list(c.answers)
     if with_answer:
-        missing = np.frombuffer(c.answer, dtype=np.int32) < 0
+        missing = c.answer < 0
         if missing.any():
             raise ValueError(f"{where(int(np.argmax(missing)))}: answer: missing (needed to train)")
         a_flat, a_off = _tokenize(template, answers, lambda j: f"{where(first_user(c.answer, j))}: answer {answers[j]!r}",
@@ -310,7 +430,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     G, VEC, OPEN, CLOSE = S0, S0 + 1, S0 + 2, S0 + 2 + M
     budget = np.array([template.modality_budget.get(m, np.iinfo(np.int64).max) for m in template.modalities])
 
-    query = np.frombuffer(c.query, dtype=np.int32)
+    query = c.query
     fixed = q_len[query] + int(bool(template.global_token))         # (n,) suffix (+ <GLOBAL>): never cut
     if (fixed > template.max_len).any():
         u = int(np.argmax(fixed > template.max_len))
@@ -398,7 +518,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
             out_vec[k][1].write(p_out[sel] - u_out[p_u[sel]])
             vec_count[k, a:b] = np.bincount(p_u[sel], minlength=nu)
         if with_answer:
-            ac = np.frombuffer(c.answer, dtype=np.int32)[a:b]
+            ac = c.answer[a:b]
             out_answer.write(a_flat[_ranges(a_off[ac], np.diff(a_off)[ac])])
             answer_len[a:b] = np.diff(a_off)[ac]
 
@@ -411,13 +531,12 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     for k in range(len(vec_mods)):
         save(f"vec{k}_off.npy", _offsets(vec_count[k]))
     labels = np.full((n, len(c.tasks)), -1, np.int8)
-    labels[np.frombuffer(c.lab_user, dtype=np.int64), np.frombuffer(c.lab_task, dtype=np.int32)] = \
-        np.frombuffer(c.lab_val, dtype=np.int8)
+    labels[c.lab_user, c.lab_task] = c.lab_val
     save("labels.npy", labels)
     uid_bytes = [s.encode("utf-8") for s in c.uids]
     save("uid_bytes.npy", np.frombuffer(b"".join(uid_bytes), dtype=np.uint8))
     save("uid_off.npy", _offsets([len(x) for x in uid_bytes]))
-    save("lines.npy", np.frombuffer(c.line, dtype=np.int64))
+    save("lines.npy", c.line)
     save("n_cut.npy", n_cut)
     meta = {"key": key, "fingerprint": template_fingerprint(template), "n_users": n, "with_answer": bool(with_answer),
             "tasks": list(c.tasks), "vector_modalities": vec_mods, "path": os.path.abspath(path),
@@ -425,7 +544,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
                        "vector_dims": report.vector_dims, "modality_counts": report.modality_counts}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    check_against_template(tmp, template, head + tail, path)
+    check_against_template(tmp, template, sample, path)
 
 
 def check_against_template(folder, template, sample, path):

@@ -209,14 +209,13 @@ def parse_line(raw, lineno):
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def iter_records(path, skip_bad=False, report=None, require=(), modalities=None, with_lines=False):
+def iter_records(path, skip_bad=False, report=None, require=(), modalities=None):
     """Streams validated records from a JSONL file, one line at a time. Blank lines are ignored.
     A bad line (not UTF-8, not JSON, or an invalid record) raises ValueError('file:line: field: problem'), or
     with skip_bad=True is counted in `report` (a LoadReport, created if None) whose summary goes to stderr
     at the end. Vector lengths are checked against report.vector_dims, so a report created with an encoder's
     vector_dims checks them against the encoder's; modalities: the only modality names accepted (None: any).
-    Records without a user_id get '<file>:<line>'. with_lines=True yields (line number, record) (cache.py keeps
-    each user's line, so that an error found while encoding can name file:line)."""
+    Records without a user_id get '<file>:<line>'."""
     report = LoadReport(path=str(path)) if report is None else report
     report.path = str(path)
     name = str(path)
@@ -239,7 +238,7 @@ def iter_records(path, skip_bad=False, report=None, require=(), modalities=None,
             for ev in rec["events"]:
                 report.modality_counts[ev["modality"]] = report.modality_counts.get(ev["modality"], 0) + 1
             report.n_ok += 1
-            yield (lineno, rec) if with_lines else rec
+            yield rec
     if report.n_bad:
         print(f"warning: {report}", file=sys.stderr)
 

@@ -292,3 +292,35 @@ def test_bench_data_runs(tmp_path):
     assert (a["users"], b["users"]) == (200, 400) and "in_memory" in a and "in_memory" not in b
     assert [r["rank"] for r in b["ranks"]] == [0, 1] and all(r["startup_s"] > 0 for r in b["ranks"])
     assert b["build"]["folder"].startswith(str(tmp_path)) and "rss_growth_per_10x_mb" in b
+
+
+def test_parallel_validation_equals_one_pass(tok, tmp_path, capsys):
+    """Three processes, each validating a byte range, give the users, lines, report and errors of one pass
+    (data.load_records): bad lines in several parts under --skip-bad, a part whose first vector width differs from
+    the file's first (one pass skips or names that line), the first error of the file when a later part also has one."""
+    lines = [dict(GOOD, user_id=f"u{k}") for k in range(30)]
+    lines[4] = '{"events": ['
+    lines[22] = "[1]"
+    lines[17] = dict(GOOD, user_id="wide", events=[{"modality": "tabular", "vector": [1, 2, 3, 4]}])
+    path = write_lines(tmp_path, [""] + lines)  # a blank first line: numbering must still follow the file
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    records, report = data.load_records(path, skip_bad=True)
+    folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl, skip_bad=True, workers=3)
+    ds = cache.EncodedDataset(folder, tpl)
+    assert_same_examples(data.UserDataset(records, tpl), ds)
+    assert list(ds.lines) == [int(r["user_id"][1:]) + 2 for r in records]
+    rep = cache.read_report(folder)
+    assert (rep.n_ok, rep.n_bad, rep.reasons, rep.vector_dims, rep.modality_counts) == \
+        (report.n_ok, report.n_bad, report.reasons, report.vector_dims, report.modality_counts)
+    # without --skip-bad: the first bad line of the file, as one pass names it
+    with pytest.raises(ValueError) as one:
+        data.load_records(path)
+    with pytest.raises(ValueError) as three:
+        cache.collect(path, workers=3)
+    assert str(three.value) == str(one.value) and f"{path}:6:" in str(one.value)
+    # the wider vector (line 19) is an error only relative to the file's first width, which part 1 does not see
+    lines[4], lines[22] = GOOD, GOOD
+    lines[:17] = [dict(GOOD, events=[{"modality": "bill", "text": "x"}])] * 17  # no vector before line 19 now
+    write_lines(tmp_path, [""] + lines)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:20: events[1].vector: length 3, but modality 'tabular' has 4")):
+        cache.collect(path, workers=3)
