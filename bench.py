@@ -2,7 +2,8 @@
 Benchmarks (not tests): each section is a subcommand that prints a markdown table and can write JSON.
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
-    python bench.py train|embed|ggsm|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
+    python bench.py events --model DIR --data train.jsonl [--max-len 256 --batch 32 --reps 5]
+    python bench.py train|embed|ggsm|softmask|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
     python bench.py data [--users 10000,100000] [--ranks 2] [--steps 20] [--old-upto 10000] [--out bench_data.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
@@ -14,7 +15,13 @@ all solvers alike; medians are reported. Also reported: held-out AUC of each fit
 each reaches (the same function for both), the largest coefficient difference, and the time of one full
 fit_probe (CV over probe.DEFAULT_CS x 5 folds, then the refit).
 
-train / embed / ggsm / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
+events: ours only, on a data set and base model: the text form (event text as subword tokens) against the
+event-level form (one position per event: the frozen base embeddings pooled over the event's tokens, then
+the modality adapter; data.Template event_modalities): user sequence lengths over the whole file and the
+median time of train.train_step (GG-SM warm-up, LoRA r 16, batch 32 in 4 length-sorted chunks) on the same
+users, the two forms interleaved.
+
+train / embed / ggsm / softmask / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
 the official GG-SM code (github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is
 written with transformers' save_pretrained(safe_serialization=True) (CPU default: hidden 512, 8 layers,
 8 heads, 2 KV heads, intermediate 1408, vocab 32000; --gpu-size: the Qwen2.5-0.5B shape, hidden 896,
@@ -36,6 +43,10 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
   ggsm     ours only: train.train_step in GG-SM's warm-up (capture of h_k at strategy.capture_layer,
            retain_grad, strategy.accumulate, strategy.end_step, mask rebuilt from the importance) against
            the same step under the bidirectional strategy. Target: <= 5% overhead.
+  softmask ours only, under bf16 autocast (CPU's when there is no GPU): the train step with GG-SM's soft mask
+           kept in fp32 (Decoder.forward does so because bf16 cannot hold the log-weights; attention then runs
+           in fp32) against the same mask rounded to bf16 first (bf16 attention, the weights erased): the cost
+           of keeping the weights.
   scaling  the train step at L = 128, 256, 512, 1024 (quick: 16, 32, 64) with B*L fixed (same tokens per
            step), so the growth is the attention's share.
   padding  "what a user of the official code pays": one epoch of the embedded synthetic benchmark
@@ -530,6 +541,28 @@ def section_ggsm(ctx):
     return out, rows
 
 
+def section_softmask(ctx):
+    """Ours only, under bf16 autocast (CUDA's on a GPU, CPU's otherwise): the contrastive step with GG-SM's soft
+    mask in fp32, which Decoder.forward keeps in fp32 because bf16 cannot hold its log-weights, so attention runs
+    in fp32; against the same mask rounded to bf16 first, attention in bf16 (what every step cost before, when
+    the rounding erased the weights). The difference is what keeping the soft weights costs."""
+    w = ctx["work"]["ggsm"]
+    batch = random_batch(w["B"], w["L"], w["A"], ctx["vocab"], ctx["seed"], ctx["device"])
+    bf16 = ctx["autocast"] if ctx["device"].type == "cuda" else torch.autocast("cpu", dtype=torch.bfloat16)
+    steps = {"fp32 mask": make_train_step(ctx["ours"], batch, torch.float32, bf16),
+             "bf16 mask": make_train_step(ctx["ours"], batch, torch.bfloat16, bf16)}
+    times = time_interleaved(steps, ctx["reps"], ctx["device"])
+    med = {k: median(v) for k, v in times.items()}
+    paired = [a / b - 1 for a, b in zip(times["fp32 mask"], times["bf16 mask"])]  # same round, same machine load
+    out = {"B": w["B"], "L": w["L"], "autocast": f"{ctx['device'].type} bf16", "times_s": times, "median_s": med,
+           "overhead": med["fp32 mask"] / med["bf16 mask"] - 1, "overhead_paired_median": median(paired)}
+    rows = [("softmask", f"step time under {out['autocast']} autocast, B={w['B']} L={w['L']}: soft mask kept in fp32 "
+                         "(fp32 attention) vs rounded to bf16 (ours only)",
+             f"{med['fp32 mask'] * 1e3:.0f} ms", f"{med['bf16 mask'] * 1e3:.0f} ms",
+             f"{out['overhead'] * 100:+.1f}% (paired {out['overhead_paired_median'] * 100:+.1f}%)", "")]
+    return out, rows
+
+
 def section_scaling(ctx):
     w = ctx["work"]["scaling"]
     points, rows = [], []
@@ -558,7 +591,7 @@ def pad_side(side, L, pad_id):
     if extra < 0:
         raise ValueError(f"pad_side: a sequence of {side.input_ids.shape[1]} tokens is longer than the pad length {L}")
     return data.Side(F.pad(side.input_ids, (0, extra), value=pad_id), F.pad(side.attention_mask, (0, extra), value=0),
-                     side.pool_index, side.vectors, side.vector_pos)
+                     side.pool_index, side.vectors, side.vector_pos, side.history)
 
 
 def section_padding(ctx):
@@ -617,12 +650,12 @@ def section_padding(ctx):
     return out, rows
 
 
-SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "scaling": section_scaling,
-            "padding": section_padding}
+SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "softmask": section_softmask,
+            "scaling": section_scaling, "padding": section_padding}
 
 
 def bench_models(args):
-    """train | embed | ggsm | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
+    """train | embed | ggsm | softmask | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "quick" if args.quick else ("gpu" if args.gpu_size else "cpu")
     reps = args.reps or (2 if args.quick else 5)
@@ -818,6 +851,63 @@ def bench_data(args):
     return {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "steps": args.steps}
 
 
+def bench_events(args):
+    """Text form against the event-level form on a data set: user sequence lengths (every user of the file) and the
+    time of train.train_step (GG-SM warm-up, LoRA, both towers, train.py's defaults otherwise) on the same batches,
+    interleaved, medians. The event form puts every text modality of the data in event form."""
+    records, report = data.load_records(args.data, require=("answer",))
+    text_modalities = sorted({e["modality"] for r in records for e in r["events"] if e.get("text") is not None})
+    lora = {"r": 16, "alpha": 16.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    forms = {"text": [], "event": text_modalities}
+    load = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(records))
+    steps, out = {}, {"data": args.data, "model": args.model, "batch": args.batch, "event_modalities": text_modalities,
+                      "threads": torch.get_num_threads(), "load_average_before": list(load)}
+    for name, ev in forms.items():
+        spec = probe.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, mask="ggsm",
+                             total_steps=10 ** 6, warmup_steps=10 ** 6 - 1, lora=lora, max_len=args.max_len,
+                             answer_max_len=48, standardize=True, event_modalities=ev, preamble=args.preamble)
+        torch.manual_seed(args.seed)
+        encoder, template, strategy = probe.build_encoder(spec)
+        t0 = time.perf_counter()
+        ds = data.UserDataset(records, template)
+        encode_s = time.perf_counter() - t0
+        lengths = np.asarray(ds.lengths)
+        towers = train.DualTower(encoder.train(), None)
+        opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
+        batches = [train.micro_batch(ds, order[i * args.batch:(i + 1) * args.batch].tolist(), 4, "cpu")
+                   for i in range(args.reps + 1)]
+        loss_fn = partial(ggsm.info_nce, tau=TAU, margin=MARGIN)
+        counter = [0]
+
+        def step(batches=batches, towers=towers, strategy=strategy, opt=opt, counter=counter):
+            b = batches[counter[0] % len(batches)]
+            train.train_step(towers, strategy, opt, [b], 0, loss_fn)
+            counter[0] += 1
+
+        steps[name] = step
+        out[name] = {"mean_length": float(lengths.mean()), "median_length": float(np.median(lengths)),
+                     "max_length": int(lengths.max()), "n_cut_events": int(ds.n_cut), "encode_data_s": encode_s}
+    times = time_interleaved(steps, args.reps, torch.device("cpu"))
+    for name in forms:
+        med = median(times[name])
+        out[name].update(times_s=times[name], median_step_s=med, users_per_s=args.batch / med)
+    out["load_average_after"] = list(os.getloadavg())
+    print(f"{args.data}: {len(records)} users; event form for {', '.join(text_modalities)}; batch {args.batch}, "
+          f"{args.reps} interleaved steps each, medians; {torch.get_num_threads()} threads; load average "
+          f"{load[0]:.2f} before, {out['load_average_after'][0]:.2f} after\n")
+    print("| form | mean user length | median | max | events cut | train step | users/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in forms:
+        r = out[name]
+        print(f"| {name} | {r['mean_length']:.1f} | {r['median_length']:.0f} | {r['max_length']} | {r['n_cut_events']} | "
+              f"{r['median_step_s'] * 1e3:.0f} ms | {r['users_per_s']:.1f} |")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
@@ -831,6 +921,17 @@ def main(argv=None):
     sp.add_argument("--reps", type=int, default=5, help="timed repetitions per solver (after one warm-up)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default=None, help="write the results as JSON here")
+    # --- events: text form vs the event-level form on a data set and base model (ours only)
+    se = sections.add_parser("events", help="text form vs event-level form: user lengths and train-step time")
+    se.add_argument("--model", required=True, help="Hugging Face folder (e.g. the default run's cache/tiny-*)")
+    se.add_argument("--data", required=True, help="training JSONL with answers (e.g. cache/synthetic-*/train.jsonl)")
+    se.add_argument("--max-len", type=int, default=256, help="user-side token budget (train.py's default)")
+    se.add_argument("--batch", type=int, default=32, help="users per step (train.py's default)")
+    se.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence ('' for none)")
+    se.add_argument("--reps", type=int, default=5, help="timed steps per form (after one warm-up)")
+    se.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--out", default=None, help="write the results as JSON here")
     # --- decoder sections: ours against transformers + peft
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true", help="tiny model and workloads (seconds; what the test runs)")
@@ -846,6 +947,7 @@ def main(argv=None):
     helps = {"train": "contrastive training step: tokens/s and peak memory",
              "embed": "inference under the bidirectional mask: users/s",
              "ggsm": "GG-SM warm-up step overhead against a bidirectional step (ours only)",
+             "softmask": "under bf16 autocast: the soft mask kept in fp32 (fp32 attention) vs rounded to bf16 (ours only)",
              "scaling": "training step at growing sequence length",
              "padding": "one synthetic epoch: dynamic padding vs pad-everything-to-512 (official recipe)",
              "all": "every section above, one table"}
@@ -861,8 +963,7 @@ def main(argv=None):
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = bench_probe(args) if args.section == "probe" else bench_data(args) if args.section == "data" \
-        else bench_models(args)
+    result = {"probe": bench_probe, "events": bench_events, "data": bench_data}.get(args.section, bench_models)(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

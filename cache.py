@@ -32,6 +32,7 @@ Layout of a cache folder (.npy files read with np.load(mmap_mode="r"); no pickle
     uid_off.npy     (N + 1,) int64
     lines.npy       (N,) int64       each user's line in the JSONL file
     n_cut.npy       (N,) int32       events dropped by truncation
+    history.npy     (N, 2) int32     each user's history segment [start, end): the modality blocks, tags included
 """
 import hashlib
 import itertools
@@ -48,7 +49,7 @@ import torch
 
 import data
 
-FORMAT = 1             # bump when the layout or the encoding changes: old folders are then not reused
+FORMAT = 2             # bump when the layout or the encoding changes: old folders are then not reused
 CHUNK_USERS = 20_000   # users encoded at once: bounds the numpy temporaries (about 1 KB per event)
 N_CHECK = 8            # the first and last N_CHECK users of every build are re-encoded by data.Template and compared
 
@@ -69,7 +70,8 @@ def template_fingerprint(template):
             "max_len": template.max_len, "max_answer_len": template.max_answer_len,
             "global_token": bool(template.global_token), "modality_budget": dict(template.modality_budget),
             "default_query": template.default_query, "eos_id": template.eos_id, "pad_id": template.pad_id,
-            "special_token_ids": list(template.special_token_ids)}
+            "special_token_ids": list(template.special_token_ids), "preamble_ids": list(template.preamble_ids),
+            "event_modalities": list(template.event_modalities)}
 
 
 def _diff(want, have):
@@ -371,6 +373,9 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     if n == 0:
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
     template = make_template(report)
+    if template.event_modalities:
+        raise ValueError(f"{path}: the encoded cache holds the text form; modalities {template.event_modalities} in "
+                         "event form are encoded in memory (--data-cache off)")
     where = lambda u: f"{path}:{c.line[u]}: user {c.uids[u]}"  # noqa: E731
 
     # per event (file order) and per user, as numpy views of the collected arrays
@@ -423,18 +428,22 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
                                   add=[template.eos_id], keep=template.max_answer_len - 1)
     t_len, q_len = np.diff(t_off), np.diff(q_off)
     # one source array for the gather that assembles the sequences: text ids, suffix ids, then the single tokens
+    # the head of every sequence: <GLOBAL> (hybrid_gq) then the preamble, never cut
+    head_ids = ([template.global_id] if template.global_token else []) + list(template.preamble_ids)
     S0 = len(t_flat) + len(q_flat)
-    single = [template.global_id or 0, template.vec_id] + [template.open_id[m] for m in template.modalities] \
+    single = head_ids + [template.vec_id] + [template.open_id[m] for m in template.modalities] \
         + [template.close_id[m] for m in template.modalities]
     src = np.concatenate([t_flat, q_flat, np.array(single, dtype=np.int32)])
-    G, VEC, OPEN, CLOSE = S0, S0 + 1, S0 + 2, S0 + 2 + M
+    H = len(head_ids)
+    VEC, OPEN, CLOSE = S0 + H, S0 + H + 1, S0 + H + 1 + M
     budget = np.array([template.modality_budget.get(m, np.iinfo(np.int64).max) for m in template.modalities])
 
     query = c.query
-    fixed = q_len[query] + int(bool(template.global_token))         # (n,) suffix (+ <GLOBAL>): never cut
+    fixed = q_len[query] + H                                        # (n,) head + suffix: never cut
     if (fixed > template.max_len).any():
         u = int(np.argmax(fixed > template.max_len))
-        raise ValueError(f"{where(u)}: query: {fixed[u]} tokens with <USER>, more than max_len={template.max_len}")
+        raise ValueError(f"{where(u)}: query: {fixed[u]} tokens with <USER> and the preamble, more than "
+                         f"max_len={template.max_len}")
 
     vec_mods = [m for m in template.modalities if m in template.vector_dims]
     os.makedirs(tmp)
@@ -443,6 +452,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     out_vec = [(_Npy(os.path.join(tmp, f"vec{k}.npy"), np.float32, (template.vector_dims[m],)),
                 _Npy(os.path.join(tmp, f"vec{k}_col.npy"), np.int32)) for k, m in enumerate(vec_mods)]
     user_len, answer_len, n_cut = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int32)
+    history = np.zeros((n, 2), np.int32)
     vec_count = np.zeros((len(vec_mods), n), np.int64)
 
     for a in range(0, n, chunk):
@@ -484,7 +494,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         # pieces of the sequences: (user, section, modality, position, sub) orders them; start/length in src
         te, ve = np.flatnonzero(kept & (tc >= 0)), np.flatnonzero(kept & (vr >= 0))
         users = np.arange(nu)
-        gl = users if template.global_token else users[:0]
+        gl = users if H else users[:0]                              # one head piece per user
         p_u = np.concatenate([gl, u[blk], u[te], u[ve], u[blk], users])
         p_sec = np.concatenate([np.zeros(len(gl)), np.ones(len(blk) + len(te) + len(ve) + len(blk)),
                                 np.full(nu, 2)])
@@ -493,9 +503,9 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
                                 np.full(len(blk), E), np.zeros(nu, np.int64)])
         p_sub = np.concatenate([np.zeros(len(gl) + len(blk) + len(te)), np.ones(len(ve)),
                                 np.zeros(len(blk) + nu)])
-        p_start = np.concatenate([np.full(len(gl), G), OPEN + m[blk], t_off[tc[te]], np.full(len(ve), VEC),
+        p_start = np.concatenate([np.full(len(gl), S0), OPEN + m[blk], t_off[tc[te]], np.full(len(ve), VEC),
                                   CLOSE + m[blk], len(t_flat) + q_off[query[a:b]]])
-        p_len = np.concatenate([np.ones(len(gl), np.int64), np.ones(len(blk), np.int64), t_len[tc[te]],
+        p_len = np.concatenate([np.full(len(gl), H), np.ones(len(blk), np.int64), t_len[tc[te]],
                                 np.ones(len(ve), np.int64), np.ones(len(blk), np.int64), q_len[query[a:b]]])
         p_vr = np.concatenate([np.full(len(gl) + len(blk) + len(te), -1), vr[ve], np.full(len(blk) + nu, -1)])
         order = np.lexsort((p_sub, p_pos, p_m, p_sec, p_u))
@@ -507,6 +517,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         assert (lens == expected).all(), "cache: assembled lengths disagree with the truncation's count"
         out_user.write(tokens)
         user_len[a:b] = lens
+        history[a:b, 0], history[a:b, 1] = H, lens - q_len[query[a:b]]  # [start, end): the blocks, tags included
         # <VEC> columns: a piece's output offset minus its user's first offset
         p_out = np.cumsum(p_len) - p_len
         u_out = np.cumsum(lens) - lens
@@ -538,6 +549,7 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     save("uid_off.npy", _offsets([len(x) for x in uid_bytes]))
     save("lines.npy", c.line)
     save("n_cut.npy", n_cut)
+    save("history.npy", history)
     meta = {"key": key, "fingerprint": template_fingerprint(template), "n_users": n, "with_answer": bool(with_answer),
             "tasks": list(c.tasks), "vector_modalities": vec_mods, "path": os.path.abspath(path),
             "report": {"path": report.path, "n_ok": report.n_ok, "n_bad": report.n_bad, "reasons": report.reasons,
@@ -611,6 +623,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.uid_off = load("uid_off.npy", self.n + 1)
         self.uid_bytes = load("uid_bytes.npy", int(self.uid_off[-1]))
         self.lines = load("lines.npy", self.n)
+        self.history = load("history.npy", self.n)
         self.lengths = np.diff(self.user_off)              # (N,) int64: train.length_chunks sorts by it
         self.n_cut = int(load("n_cut.npy", self.n).sum())
 
@@ -638,6 +651,7 @@ class EncodedDataset(torch.utils.data.Dataset):
                 vector_pos[m] = col[lo:hi].tolist()
                 vectors[m] = np.array(val[lo:hi])  # (n, F) float32, a copy out of the map
         answer = self.answer_ids[self.answer_off[i]:self.answer_off[i + 1]].tolist() if self.with_answer else None
-        return dict(index=i, user_id=self.user_id(i), input_ids=ids, user_index=len(ids) - 1, vector_pos=vector_pos,
+        return dict(index=i, user_id=self.user_id(i), input_ids=ids, user_index=len(ids) - 1,
+                    history=(int(self.history[i, 0]), int(self.history[i, 1])), vector_pos=vector_pos,
                     vectors=vectors, answer_ids=answer, labels=self.labels_of(i), pad_id=self.template.pad_id,
                     vector_dims=self.template.vector_dims)

@@ -6,7 +6,7 @@ What this file holds (nothing here is model code; the modality adapters live in 
   `LoadReport` that is printed (never dropped silently);
 - the input template of App. A.1 / Eq. 10 of "How Do Decoder-Only LLMs Perceive Users? Rethinking
   Attention Masking for User Representation Learning" (arXiv 2602.10622):
-      <bill> … </bill> <minipro> … </minipro> <spm> … </spm> <app> … </app> <search> … </search>
+      {PREAMBLE} <bill> … </bill> <minipro> … </minipro> <spm> … </spm> <app> … </app> <search> … </search>
       <tabular> … </tabular> Instruction: {query} <USER>
   tokenized with `tokenizers`; events that carry a `vector` become one `<VEC>` placeholder whose
   position and vector travel with the batch (model.py splices the adapter output in);
@@ -41,6 +41,12 @@ MODALITY_ORDER = ("bill", "minipro", "spm", "app", "search", "tabular")  # paper
 TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
 
 VEC_TOKEN, USER_TOKEN, GLOBAL_TOKEN = "<VEC>", "<USER>", "<GLOBAL>"
+# paper [template opening sentence]: App. A.1 opens the template with this sentence, naming each source's data with a
+# symbol (B_i, M_i, S_i, A_i, R_i, T_i); the blocks themselves follow here, so the symbols are left out.
+# Template(preamble="") / train.py --preamble "" drops it.
+PREAMBLE = ("The following presents heterogeneous user data collected from multiple sources, including PayBill "
+            "transactions, Mini Program interaction logs, Super Position Model paths, App interaction records, "
+            "homepage search queries, and structured tabular features:")
 # Tried in order when the tokenizer (or a tokenizer_config.json beside it) does not name them.
 EOS_CANDIDATES = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -288,6 +294,8 @@ class Template:
     """Turns a record into token ids.
 
     Choices (the paper fixes the tag order, not these details):
+    - The sequence opens with `preamble` (default PREAMBLE, the paper's opening sentence; "" for none), after
+      <GLOBAL> when there is one; it is never cut.
     - Blocks follow order_modalities(modalities); a block is written only for a modality the record
       has (no empty '<app></app>' pairs), so every tag costs a token only when it carries events.
     - Inside a block, events are ordered oldest first by `time`, so the most recent events sit
@@ -295,6 +303,11 @@ class Template:
       file order among themselves (a file without times is read as already chronological; static
       features such as a tabular profile are the last to be cut).
     - An event is ' {text};' (text tokenized on its own) and/or one <VEC> placeholder for its vector.
+    - event_modalities (default none): the paper's event-level form for those modalities. An event's text
+      does not enter the sequence as subwords; event_encoder(ids of ' {text};') -> a (event_dim,) vector
+      goes through the modality's adapter at one <VEC> position, so the LLM sees one position per event.
+      The modality's vector width is event_dim (vectors a record brings for it must have that width and
+      share the adapter).
     - The suffix is ' Instruction: {query}' then <USER>; with no query (and no default_query) it is
       ' Instruction:' alone. With global_token=True, <GLOBAL> is the first token (hybrid_gq).
     - Too long: the oldest events are dropped first, across modalities (a block whose events are all
@@ -306,7 +319,8 @@ class Template:
     """
 
     def __init__(self, tokenizer, modalities, vector_dims=None, max_len=512, global_token=False,
-                 modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None):
+                 modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None,
+                 event_modalities=(), event_encoder=None, event_dim=None, preamble=PREAMBLE):
         config = {}
         if isinstance(tokenizer, (str, os.PathLike)):
             p = str(tokenizer)
@@ -328,6 +342,21 @@ class Template:
         if not self.modalities:
             raise ValueError("Template: no modalities")
         self.vector_dims = dict(vector_dims or {})
+        # paper [event inputs]: each event is encoded by a modality encoder, then the modality's adapter, one
+        # position per event; default here: subword tokens (event_modalities empty)
+        self.event_modalities = list(event_modalities)
+        self.event_encoder = event_encoder
+        if self.event_modalities:
+            unknown = [m for m in self.event_modalities if m not in self.modalities]
+            if unknown:
+                raise ValueError(f"Template: event_modalities {unknown} are not among the modalities {self.modalities}")
+            if event_encoder is None or not event_dim:
+                raise ValueError("Template: event_modalities need an event_encoder (ids -> vector) and its event_dim")
+            for m in self.event_modalities:
+                if self.vector_dims.get(m, event_dim) != event_dim:
+                    raise ValueError(f"Template: modality {m!r} in event form reads {event_dim}-wide vectors, but its "
+                                     f"records carry {self.vector_dims[m]}-wide ones")
+                self.vector_dims[m] = event_dim
         self.max_len, self.global_token, self.max_answer_len = max_len, global_token, max_answer_len
         self.modality_budget = dict(modality_budget or {})
         self.default_query = default_query
@@ -356,6 +385,8 @@ class Template:
             (t for t in PAD_CANDIDATES if tokenizer.token_to_id(t) is not None), eos)
         self.eos_token, self.pad_token = eos, pad
         self.eos_id, self.pad_id = tokenizer.token_to_id(eos), tokenizer.token_to_id(pad)
+        self.preamble = preamble
+        self.preamble_ids = self._encode_texts([preamble], "preamble")[0] if preamble else []
 
     def _encode_texts(self, texts, who):
         encs = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
@@ -369,7 +400,9 @@ class Template:
         return out
 
     def encode_user(self, record):
-        """-> dict(input_ids, user_index, vector_pos {m: [col, ...]}, vectors {m: [[...], ...]}, n_cut)"""
+        """-> dict(input_ids, user_index, history (start, end), vector_pos {m: [col, ...]}, vectors {m: [[...], ...]},
+        n_cut). history: the user-history segment, from the first modality tag to the last closing tag, as the
+        half-open [start, end) (start = end when every event was cut); the hybrids relax causality there only."""
         who = f"user {record.get('user_id')}"
         events = record["events"]
         # recency key: timed events by time, then untimed events (newer) in file order
@@ -389,14 +422,15 @@ class Template:
                 text_of[i] = len(texts)
                 texts.append(event_piece(ev["text"]))
         ids_of = self._encode_texts(texts, who)
-        cost = [len(ids_of[text_of[i]]) if i in text_of else 0 for i in range(len(events))]
+        as_event = {i for i in text_of if events[i]["modality"] in self.event_modalities}  # one position each
+        cost = [1 if i in as_event else len(ids_of[text_of[i]]) if i in text_of else 0 for i in range(len(events))]
         cost = [c + (ev.get("vector") is not None) for c, ev in zip(cost, events)]
 
         q = record.get("query") if record.get("query") is not None else self.default_query
         suffix = self._encode_texts([" Instruction:" + (" " + q if q else "")], who)[0] + [self.user_id]
-        fixed = len(suffix) + int(bool(self.global_token))
+        fixed = len(suffix) + int(bool(self.global_token)) + len(self.preamble_ids)
         if fixed > self.max_len:
-            raise ValueError(f"{who}: query: {fixed} tokens with <USER>, more than max_len={self.max_len}")
+            raise ValueError(f"{who}: query: {fixed} tokens with <USER> and the preamble, more than max_len={self.max_len}")
 
         # newest first; per-modality budgets, then the global budget (tags counted per kept block)
         order = sorted(range(len(events)), key=lambda i: keys[i], reverse=True)
@@ -414,7 +448,8 @@ class Template:
             total += add
         n_cut = len(events) - len(kept)
 
-        ids = [self.global_id] if self.global_token else []
+        ids = ([self.global_id] if self.global_token else []) + self.preamble_ids
+        start = len(ids)  # the history segment opens with the first modality tag
         vector_pos, vectors = {}, {}
         for m in self.modalities:
             mine = sorted((i for i in kept if events[i]["modality"] == m), key=lambda i: keys[i])
@@ -422,16 +457,22 @@ class Template:
                 continue
             ids.append(self.open_id[m])
             for i in mine:
-                if i in text_of:
+                if i in as_event:  # the event's text as one vector: frozen encoder here, the adapter in the model
+                    vector_pos.setdefault(m, []).append(len(ids))
+                    vectors.setdefault(m, []).append(self.event_encoder(ids_of[text_of[i]]))
+                    ids.append(self.vec_id)
+                elif i in text_of:
                     ids.extend(ids_of[text_of[i]])
                 if events[i].get("vector") is not None:
                     vector_pos.setdefault(m, []).append(len(ids))
                     vectors.setdefault(m, []).append(events[i]["vector"])
                     ids.append(self.vec_id)
             ids.append(self.close_id[m])
+        history = (start, len(ids))  # [start, end): the blocks; the instruction, query and <USER> follow
         ids.extend(suffix)
         assert len(ids) == total, (len(ids), total)
-        return dict(input_ids=ids, user_index=len(ids) - 1, vector_pos=vector_pos, vectors=vectors, n_cut=n_cut)
+        return dict(input_ids=ids, user_index=len(ids) - 1, history=history, vector_pos=vector_pos, vectors=vectors,
+                    n_cut=n_cut)
 
     def encode_answer(self, record):
         """Answer text + EOS (pooled at EOS, App. A.3); long answers keep their beginning."""
@@ -456,7 +497,7 @@ class UserDataset(torch.utils.data.Dataset):
         for idx, rec in enumerate(records):
             u = template.encode_user(rec)
             ex = dict(index=idx, user_id=rec["user_id"], input_ids=u["input_ids"], user_index=u["user_index"],
-                      vector_pos=u["vector_pos"],
+                      history=u["history"], vector_pos=u["vector_pos"],
                       vectors={m: np.asarray(v, dtype=np.float32) for m, v in u["vectors"].items()},
                       answer_ids=template.encode_answer(rec) if with_answer else None,
                       labels=rec.get("labels") or {}, pad_id=template.pad_id, vector_dims=template.vector_dims)
@@ -479,11 +520,13 @@ class Side:
     pool_index: torch.Tensor      # (B,) long: <USER> (user side) or EOS (answer side)
     vectors: dict
     vector_pos: dict
+    history: torch.Tensor | None = None  # (B, 2) long [start, end) of the user-history segment; None: answer side
 
     def to(self, device):
         return Side(self.input_ids.to(device), self.attention_mask.to(device), self.pool_index.to(device),
                     {m: v.to(device) for m, v in self.vectors.items()},
-                    {m: p.to(device) for m, p in self.vector_pos.items()})
+                    {m: p.to(device) for m, p in self.vector_pos.items()},
+                    None if self.history is None else self.history.to(device))
 
 
 @dataclass
@@ -522,7 +565,8 @@ def collate(examples):
         vecs = [e["vectors"][m] for e in examples if m in e["vectors"]]
         vectors[m] = torch.from_numpy(np.concatenate(vecs)) if vecs else torch.zeros((0, F), dtype=torch.float32)
         vector_pos[m] = torch.tensor(pos, dtype=torch.long).reshape(-1, 2)  # (N_m, 2)
-    user = Side(ids, att, torch.tensor([e["user_index"] for e in examples], dtype=torch.long), vectors, vector_pos)
+    user = Side(ids, att, torch.tensor([e["user_index"] for e in examples], dtype=torch.long), vectors, vector_pos,
+                torch.tensor([e["history"] for e in examples], dtype=torch.long).reshape(-1, 2))  # (B, 2)
     has = [e["answer_ids"] is not None for e in examples]
     if any(has) and not all(has):
         raise ValueError("collate: some examples have an answer and some do not")
@@ -574,6 +618,8 @@ BILL_AMOUNT = {"cinema": 45, "movie ticket": 40, "livehouse": 180, "music store"
 ANSWER_PHRASE = {"movie": "cinema tickets", "music": "concert tickets", "food": "food delivery",
                  "transit": "metro rides", "fitness": "gym visits", "achievement": "reward badges",
                  "daily": "daily payments"}
+# one is drawn per user; the answer does not depend on which (all ask about next month's behaviour): not the
+# paper's D_qa, whose answers are written for their query
 QUERIES = ("What will this user do next month?", "Which services will this user use next?",
            "Summarize this user's upcoming behavior.", "Which offers will this user open next month?")
 LABEL_NOISE = 0.05
@@ -704,10 +750,13 @@ def write_synthetic(out_dir, n_train=4000, n_probe=2000, seed=0):
     return tuple(paths)
 
 
-def record_texts(records, answers=True):
+def record_texts(records, answers=True, preamble=PREAMBLE):
     """Every event text, query and (unless answers=False) answer, spelled as the template spells them
-    (' text;' with the leading space), so BPE merges learned from this corpus are the ones the template uses."""
+    (' text;' with the leading space), and the template's preamble once per record, so BPE merges learned from
+    this corpus are the ones the template uses."""
     for rec in records:
+        if preamble:
+            yield preamble
         for ev in rec["events"]:
             if ev.get("text") is not None:
                 yield event_piece(ev["text"])

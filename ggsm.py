@@ -4,8 +4,9 @@ Soft Masking (GG-SM) and the masked InfoNCE loss.
 
 Reference: "How Do Decoder-Only LLMs Perceive Users? Rethinking Attention Masking for User
 Representation Learning", arXiv 2602.10622 (Sec. 4 Eq. 4-8, App. A.4 Eq. 15, Table 2). The official
-code is github.com/JhCircle/Deepfind-GGSM; every place where this file does something else is marked
-"official code:" in a comment, and the README's deviations table sums those places up.
+code is github.com/JhCircle/Deepfind-GGSM; every row of the README's deviations tables is marked where it
+is implemented by a comment "# paper [aspect]: ..." or "# official code [aspect]: ..." (most of them here;
+the rest in model.py, train.py, probe.py), and a test keeps the two in step.
 
 What is here (every strategy of the paper's Table 2):
     causal_mask, bidirectional_mask, window_mask, soft_future_mask, global_query_mask   pure functions
@@ -95,6 +96,8 @@ def _to_additive(allowed, attention_mask, dtype, log_w=None):
     None (all 0). Returns (B, 1, L, L) in `dtype`: log_w where allowed and the key is a real token,
     finfo(dtype).min elsewhere. Padded keys are blocked here, once, for every strategy.
     """
+    # official code [padding]: no key-padding mask (real tokens attend to pads, and an all-ones mask at inference);
+    # here padded keys are blocked, once, for every strategy
     key_real = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is a token
     allowed = allowed & key_real  # (B, L, L)
     work = torch.promote_types(dtype, torch.float32)  # build in >= fp32 so finfo(dtype).min is exact
@@ -125,20 +128,27 @@ def window_mask(attention_mask, delta, dtype=torch.float32):
     """
     Scheduler-based transition (App. A.4 Bidirectional b): query i sees keys j <= i + delta, i.e.
     "attention up to position min(i + delta, L)". delta = 0 is causal, delta >= L - 1 bidirectional.
+    delta: one integer for the batch, or a (B,) integer tensor, one window per row (Scheduler: each
+    user's own length sets its window).
     """
     _check_attention_mask(attention_mask, "window_mask")
     _check_dtype(dtype, "window_mask")
-    if int(delta) != delta or delta < 0:
-        raise ValueError(f"window_mask: delta must be an integer >= 0, got {delta}")
-    row, col = _grid(attention_mask.shape[1], attention_mask.device)
-    return _to_additive(col <= row + int(delta), attention_mask, dtype)
+    B, L = attention_mask.shape
+    d = torch.as_tensor(delta, device=attention_mask.device)
+    if d.is_floating_point() or d.dim() > 1 or (d.dim() == 1 and d.shape != (B,)) or (d < 0).any():
+        raise ValueError(f"window_mask: delta must be an integer >= 0 or a ({B},) tensor of them, got {delta}")
+    row, col = _grid(L, attention_mask.device)
+    return _to_additive(col <= row + d.long().view(-1, 1, 1), attention_mask, dtype)  # (B or 1, L, L)
 
 
-def soft_future_mask(attention_mask, weights, dtype=torch.float32):
+def soft_future_mask(attention_mask, weights, dtype=torch.float32, segment=None):
     """
     Eq. 4: M_ij = 0 for j <= i and log w_j for j > i, one weight per key column j (Eq. 5 depends on
     j only), padded keys blocked. weights: (L,) in (0, 1]; a weight of 0 is clamped to finfo.tiny
     (log ~ -87, blocked in effect) so log(0) never happens.
+    segment: None (every future key soft, Eq. 4 as written, GG-SM), or (B, L) bool, the positions whose
+    causality is relaxed (the hybrids: the user-history segment, history_segment): a future key j > i
+    gets log w_j only when i and j both lie in the segment, and stays blocked otherwise (causal).
     """
     _check_attention_mask(attention_mask, "soft_future_mask")
     _check_dtype(dtype, "soft_future_mask")
@@ -149,8 +159,31 @@ def soft_future_mask(attention_mask, weights, dtype=torch.float32):
     row, col = _grid(L, attention_mask.device)
     w = weights.to(device=attention_mask.device, dtype=torch.promote_types(weights.dtype, torch.float32))
     log_w = torch.log(w.clamp(min=torch.finfo(torch.float32).tiny))  # (L,) never log(0)
+    # paper [soft mask]: Eq. 4, w_ij depends on j only; official code: one [B,1,L,L] bias for every layer and head, as here
     log_w = torch.where(col > row, log_w.view(1, L), torch.zeros((), dtype=w.dtype, device=w.device))  # Eq. 4, (L, L)
-    return _to_additive(_everywhere(L, attention_mask.device), attention_mask, dtype, log_w)
+    return _to_additive(_relaxed(row, col, attention_mask, segment, "soft_future_mask"), attention_mask, dtype, log_w)
+
+
+def history_segment(history, L):
+    """history: (B, 2) long [start, end) of each row's user-history segment (data.Side.history) -> (B, L) bool,
+    True at the positions start <= j < end."""
+    if not isinstance(history, torch.Tensor) or history.dim() != 2 or history.shape[1] != 2:
+        raise ValueError(f"history_segment: history must be a (B, 2) tensor of [start, end), got "
+                         f"{type(history).__name__} {tuple(getattr(history, 'shape', ()))}")
+    pos = torch.arange(L, device=history.device).view(1, L)  # (1, L)
+    return (pos >= history[:, :1]) & (pos < history[:, 1:])  # (B, L)
+
+
+def _relaxed(row, col, attention_mask, segment, where):
+    """Which (i, j) a relaxed-causal mask may open: every pair without a segment; with one, the past (j <= i)
+    and the future pairs with both ends in the segment. Broadcastable to (B, L, L)."""
+    if segment is None:
+        return torch.ones_like(row >= col)  # (L, L)
+    if segment.shape != attention_mask.shape:
+        raise ValueError(f"{where}: segment must be (B, L) like attention_mask {tuple(attention_mask.shape)}, "
+                         f"got {tuple(segment.shape)}")
+    seg = segment.to(attention_mask.device).bool()
+    return (row >= col) | (seg[:, :, None] & seg[:, None, :])  # (B, L, L)
 
 
 def global_query_mask(attention_mask, dtype=torch.float32):
@@ -163,6 +196,8 @@ def global_query_mask(attention_mask, dtype=torch.float32):
     _check_attention_mask(attention_mask, "global_query_mask")
     _check_dtype(dtype, "global_query_mask")
     row, col = _grid(attention_mask.shape[1], attention_mask.device)
+    # paper [hybrid_gq]: the global token attends bidirectionally to the history tokens, its attention weights supervise
+    # block-level integration; here its row sees every real key and there is no supervision term
     return _to_additive((row >= col) | (row == 0), attention_mask, dtype)
 
 
@@ -197,7 +232,9 @@ class HybridMLPBias(nn.Module):
             nn.init.zeros_(mlp[-1].weight)
             nn.init.constant_(mlp[-1].bias, math.log(init_weight / (1.0 - init_weight)))  # sigmoid(b) = init_weight
 
-    def forward(self, layer_idx, h, attention_mask, dtype=None):
+    def forward(self, layer_idx, h, attention_mask, dtype=None, segment=None):
+        """-> (B, 1, L, L) additive mask; segment: as in soft_future_mask (None: every future key, (B, L) bool: only
+        future keys with query and key both in it)."""
         _check_attention_mask(attention_mask, "HybridMLPBias")
         if not 0 <= layer_idx < self.n_layers:
             raise ValueError(f"HybridMLPBias: layer_idx {layer_idx} outside [0, {self.n_layers})")
@@ -206,10 +243,12 @@ class HybridMLPBias(nn.Module):
                              f"got {tuple(h.shape)}")
         mlp = self.mlps[layer_idx]
         x = mlp(h.to(mlp[-1].weight.dtype)).squeeze(-1).float()  # (B, L): one logit per query row i
+        # paper [hybrid_mlp]: an MLP on h_i predicts the bias for j > i; here one small MLP per layer, bias logsigmoid(.)
         log_w = F.logsigmoid(x)  # (B, L) log of a weight in (0, 1)
         row, col = _grid(h.shape[1], h.device)
         log_w = torch.where(col > row, log_w[:, :, None], torch.zeros((), device=h.device))  # (B, L, L): j > i only
-        return _to_additive(_everywhere(h.shape[1], h.device), attention_mask, dtype or h.dtype, log_w)
+        allowed = _relaxed(row, col, attention_mask, segment, "HybridMLPBias")
+        return _to_additive(allowed, attention_mask, dtype or h.dtype, log_w)
 
 
 # -----------------------------------------------------------------------------
@@ -241,11 +280,13 @@ class GradientImportance:
     """
 
     def __init__(self, ema=0.0, normalize="none"):
+        # official code [EMA]: an ema_decay field whose effective value is 0.0 (the argparse 0.99 is never used); default 0.0
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"GradientImportance: ema must be in [0, 1), got {ema}")
         if normalize not in NORMALIZE:
             raise ValueError(f"GradientImportance: normalize must be one of {NORMALIZE}, got {normalize!r}")
         self.ema, self.normalize = ema, normalize
+        # official code [step 0]: sigma(0) = 0.5 on every future key before any gradient; the same here (I = 0)
         self.importance = torch.zeros(0, dtype=torch.float64)  # (n_seen,) I_j, positions 0..n_seen-1
         self.updates = 0  # optimizer steps that contributed
         self._sum = None  # (L,) this step's sum over rows of ||g_{b,j}||, on the gradient's device
@@ -262,6 +303,7 @@ class GradientImportance:
                              f"{tuple(attention_mask.shape)}, got {tuple(grad.shape)}")
         real = attention_mask.to(grad.device).bool()
         norms = grad.detach().double().norm(dim=-1)  # (B, L) ||dL/dh_{b,j}||_2 over the hidden dim
+        # official code [batch aggregation]: a sum over the micro-batch; here a mean over the rows with a token at j
         s = (norms * real).sum(0)  # (L,) padded positions ignored
         c = real.sum(0).double()  # (L,)
         if self._sum is None:
@@ -281,6 +323,7 @@ class GradientImportance:
             buf = torch.zeros(2, int(n.item()), dtype=torch.float64, device=dev)  # (2, L) sums; counts
             if s is not None:
                 buf[0, :s.numel()], buf[1, :c.numel()] = s.to(dev), c.to(dev)
+            # official code [multi-GPU]: the importance is a DDP buffer, rank 0's copy wins; here sums and counts of every rank
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             s, c = buf[0], buf[1]
         if s is None or s.numel() == 0:
@@ -336,6 +379,7 @@ def _add_padded(a, b):
     return a
 
 
+# paper [normalisation]: none, sigma(||g||); how='none' (default) is the paper's, the others are options
 def _normalize(x, how):
     if x.numel() == 0 or how == "none":
         return x
@@ -348,6 +392,7 @@ def _normalize(x, how):
     raise ValueError(f"normalize must be one of {NORMALIZE}, got {how!r}")
 
 
+# official code [unseen lengths]: every sequence padded to 512, so no position is unseen; here the seen mean
 def _extend(x, L):
     """x (n,) -> (L,): truncate, or pad positions >= n with the mean of x (0 if x is empty)."""
     if L <= x.numel():
@@ -390,13 +435,15 @@ class Strategy:
     option (self.options), so a subclass that needs nothing else has no __init__ of its own.
 
     A subclass implements
-        train_mask(step, attention_mask, dtype, tower)   a (B, 1, L, L) additive mask, or a callable
-                                                         mask(layer_idx, h) the decoder evaluates at the
-                                                         input of each block
-        inference_mask(attention_mask, dtype, tower)     embedding export and probing (default here: the
-                                                         training mask at step total_steps)
+        train_mask(step, attention_mask, dtype, tower, history)   a (B, 1, L, L) additive mask, or a
+                                                         callable mask(layer_idx, h) the decoder evaluates at
+                                                         the input of each block
+        inference_mask(attention_mask, dtype, tower, history)   embedding export and probing (default here:
+                                                         the training mask at step total_steps)
     tower is "user" or "answer": both towers run the same strategy at their own lengths unless a
-    strategy says otherwise (hybrid_gq). Defaults below, overridden where a strategy needs them:
+    strategy says otherwise (hybrid_gq; the hybrids restricted to the history segment). history is the
+    user side's (B, 2) [start, end) of the user-history segment (data.Side.history; None on the answer side);
+    a strategy that does not need it ignores it. Defaults below, overridden where a strategy needs them:
         capture_layer = None, wants_gradients(step) False   no dL/dh read (GG-SM, hybrid_mask read it)
         module = None           a trainable nn.Module trained with the encoder (hybrid_mlp)
         global_token = False    a <GLOBAL> token the template puts first (hybrid_gq)
@@ -414,17 +461,18 @@ class Strategy:
             raise ValueError(f"{where}: total_steps must be an integer >= 1, got {total_steps}")
         if int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"{where}: warmup_steps must be an integer >= 0, got {warmup_steps}")
+        # official code [schedule units]: T_warm, T_total count micro-batches (fixed 200 / 2000); here optimizer steps
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.n_layers, self.hidden_size, self.n_heads = n_layers, hidden_size, n_heads
         self.options = options
         self.capture_layer = None
         self.module = None
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         raise NotImplementedError(f"{type(self).__name__}.train_mask")
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
-        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower, history)
 
     def phase(self, step):
         """A word for the logs: where in its schedule the strategy is at `step`."""
@@ -446,34 +494,65 @@ class Strategy:
         _check_keys(state, [], f"{type(self).__name__}.load_state_dict")
 
 
+SEGMENTS = ("history", "all")  # where the hybrids relax causality (paper: the user-history segment)
+
+
+def _check_segment(segment, where):
+    if segment not in SEGMENTS:
+        raise ValueError(f"{where}: segment must be one of {SEGMENTS}, got {segment!r}")
+    return segment
+
+
+def _segment_of(segment, attention_mask, tower, history, where):
+    """The (B, L) bool positions a hybrid relaxes, or None for every future key (segment="all"). The answer tower
+    holds no user history: an all-False segment (causal)."""
+    if tower not in ("user", "answer"):
+        raise ValueError(f"{where}: tower must be 'user' or 'answer', got {tower!r}")
+    # paper [hybrid segment]: a hybrid "relaxes causality over the user-history segment"; segment='all' opens every
+    # future key of both towers instead (this project's former behaviour)
+    if segment == "all":
+        return None
+    if tower == "answer":
+        return torch.zeros_like(attention_mask, dtype=torch.bool)
+    if history is None:
+        raise ValueError(f"{where}: segment='history' needs history= on the user tower (data.Side.history, the (B, 2) "
+                         "[start, end) of the user-history segment); segment='all' opens every future key instead")
+    return history_segment(history.to(attention_mask.device), attention_mask.shape[1])
+
+
 class Causal(Strategy):
     """M^causal at training and at inference: the mask of pretraining."""
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         return causal_mask(attention_mask, dtype)
 
 
 class Bidirectional(Strategy):
     """"Direct" (App. A.4 Bidirectional a): M^bi from step 0."""
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         return bidirectional_mask(attention_mask, dtype)
 
 
 class Scheduler(Strategy):
-    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = the padded length of the
-    batch (in train.py: of the micro-batch chunk); causal at t = 0, bidirectional from T_total on and at inference."""
+    """App. A.4 Bidirectional b: window_mask with delta(t) = floor(L t / T_total), L = each row's own length (its
+    real tokens), so a user's window does not depend on its batch-mates or on the padding; causal at t = 0,
+    bidirectional from T_total on and at inference. Linear in t only (the paper also names a cosine schedule)."""
 
     def window_delta(self, step, L):
+        """L: an int or a (B,) integer tensor of lengths."""
         return (L * min(step, self.total_steps)) // self.total_steps  # integer floor, exact
 
     def phase(self, step):
         return "window" if step < self.total_steps else "bidirectional"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if step >= self.total_steps:
             return bidirectional_mask(attention_mask, dtype)
-        return window_mask(attention_mask, self.window_delta(step, attention_mask.shape[1]), dtype)
+        _check_attention_mask(attention_mask, "Scheduler.train_mask")
+        lengths = attention_mask.long().sum(1)  # (B,) real tokens; paper: "min(i + delta(e), L)", L the user's length
+        # paper [scheduler baseline]: Delta(e) linear or cosine, "up to position min(i + Delta(e), L)"; linear only here
+        return window_mask(attention_mask, self.window_delta(step, lengths), dtype)
 
 
 class GGSM(Strategy):
@@ -506,6 +585,8 @@ class GGSM(Strategy):
         if capture_layer in ("last-block", "final"):
             if n_layers is None:
                 raise ValueError(f"{where}: pass n_layers (or a block index as capture_layer) to place capture_layer")
+            # paper [gradient source]: h_j = "Last Hidden" (capture_layer='final'); official code: hidden_states[-1] after the
+            # final norm; default here: the input of the last block, where the gradient differs by position
             capture_layer = n_layers - 1 if capture_layer == "last-block" else n_layers
         if not str(capture_layer).isdigit() or (n_layers is not None and int(capture_layer) > n_layers):
             raise ValueError(f"{where}: capture_layer must be 'last-block', 'final' or a block index in "
@@ -536,16 +617,21 @@ class GGSM(Strategy):
         if phase == "frozen":
             return w_frozen
         alpha = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)  # alpha_t in [0, 1)
+        # paper [ramp (Eq. 5, 15)]: w = (1 - a_t) w_frozen + a_t; official code: the same, with a log(alpha) fallback that
+        # fails at alpha = 0 when nothing was frozen (here T_warm = 0 freezes sigma(0) = 0.5)
         return (1.0 - alpha) * w_frozen + alpha  # Eq. 5 second branch = Eq. 15
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if self.phase(step) == "bidirectional":
             return bidirectional_mask(attention_mask, dtype)  # exactly 0 bias, no log(1) round-off
         _check_attention_mask(attention_mask, f"{type(self).__name__}.train_mask")
         w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
+        # official code [answer tower]: the same soft bias on both towers; here the same column weights at each tower's
+        # own length (tower is not consulted)
         return soft_future_mask(attention_mask, w, dtype)  # Eq. 4
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        # paper [inference]: fully bidirectional; official code: an all-ones additive mask (pads attended)
         return bidirectional_mask(attention_mask, dtype)
 
     def wants_gradients(self, step):
@@ -560,6 +646,7 @@ class GGSM(Strategy):
         if step < self.warmup_steps:
             self.importance.end_step()
             if step == self.warmup_steps - 1:
+                # paper [freezing]: frozen at the end of warm-up, L_warm the loss of t = T_warm - 1 (its gradients included)
                 self.frozen = self.importance.normalized().clone()
         else:
             self.importance.discard_step()  # after warm-up gradients are not used
@@ -581,15 +668,39 @@ class GGSM(Strategy):
 
 
 class HybridMask(GGSM):
-    """App. A.4 Hybrid a: GG-SM's warm-up mask, frozen at T_warm - 1 and never ramped. The frozen mask is
+    """
+    App. A.4 Hybrid a: GG-SM's warm-up mask, frozen at T_warm - 1 and never ramped. The frozen mask is
     also the inference mask (the paper does not say; a model trained with a soft mask is evaluated with
-    it); if training stops before the freeze, the latest warm-up weights are used."""
+    it); if training stops before the freeze, the latest warm-up weights are used.
+
+    segment="history" (default; paper: a hybrid "selectively relaxes causality over the user-history
+    segment while maintaining causal constraints for future tokens"): the soft weights open future keys
+    only inside the user-history segment (query and key both in it); the instruction, query and <USER>
+    stay causal, and so does the answer tower, which holds no user history. segment="all": every future
+    key of both towers, as GG-SM's warm-up mask (this project's behaviour before the restriction).
+    Differs from the paper: the importance comes from the gradients of the encoder being trained, as in
+    GG-SM; the paper computes it "using gradients from a frozen left-tower encoder" (not implemented: it
+    needs a second, frozen copy of the user tower run forward and backward at every warm-up step).
+    """
 
     ramps = False
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, segment="history", **settings):
+        super().__init__(total_steps, warmup_steps, n_layers=n_layers, **settings)
+        # paper [hybrid_mask]: importance from "a frozen left-tower encoder"; here from the encoder being trained
+        self.segment = _check_segment(segment, "HybridMask")
+
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
+        _check_attention_mask(attention_mask, "HybridMask.train_mask")
+        seg = _segment_of(self.segment, attention_mask, tower, history, "HybridMask.train_mask")
+        if seg is not None and not seg.any():
+            return causal_mask(attention_mask, dtype)  # nothing to relax (the answer tower): exactly causal
+        w = self.future_weights(step, attention_mask.shape[1], attention_mask.device)
+        return soft_future_mask(attention_mask, w, dtype, segment=seg)  # Eq. 4 inside the segment
+
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
         step = self.warmup_steps if self.frozen is not None else 0
-        return self.train_mask(step, attention_mask, dtype, tower)
+        return self.train_mask(step, attention_mask, dtype, tower, history)
 
 
 class GGSMZero(GGSM):
@@ -607,23 +718,29 @@ class GGSMZero(GGSM):
 
 class HybridMLP(Strategy):
     """App. A.4 Hybrid b: HybridMLPBias, trained with the encoder; the mask is a callable mask(layer_idx, h)
-    the decoder evaluates at the input of each block."""
+    the decoder evaluates at the input of each block. segment="history" (default) / "all": as in HybridMask,
+    the MLP's bias opens future keys inside the user-history segment only (the answer tower stays causal), or
+    every future key of both towers."""
 
-    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, **settings):
+    def __init__(self, total_steps, warmup_steps=0, n_layers=None, hidden_size=None, segment="history", **settings):
         super().__init__(total_steps, warmup_steps, n_layers=n_layers, hidden_size=hidden_size, **settings)
         if n_layers is None or hidden_size is None:
             raise ValueError("HybridMLP: n_layers and hidden_size are required")
+        self.segment = _check_segment(segment, "HybridMLP")
         self.module = HybridMLPBias(n_layers, hidden_size)
 
     def phase(self, step):
         return "mlp"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         _check_attention_mask(attention_mask, "HybridMLP.train_mask")
+        seg = _segment_of(self.segment, attention_mask, tower, history, "HybridMLP.train_mask")
+        if seg is not None and not seg.any():
+            return causal_mask(attention_mask, dtype)  # nothing to relax (the answer tower): exactly causal
         module = self.module
 
         def mask(layer_idx, h):  # h = the input of block layer_idx, (B, L, D)
-            return module(layer_idx, h, attention_mask, dtype)
+            return module(layer_idx, h, attention_mask, dtype, seg)
 
         return mask
 
@@ -637,14 +754,17 @@ class HybridMLP(Strategy):
 
 class HybridGQ(Strategy):
     """App. A.4 Hybrid c: global_query_mask on the user tower, whose template puts <GLOBAL> first; the
-    answers carry no <GLOBAL> token, so the answer tower stays causal."""
+    answers carry no <GLOBAL> token, so the answer tower stays causal.
+    Differs from the paper: its global token's "attention weights supervise block-level contextual integration";
+    the paper defines no such loss and none is implemented here, so <GLOBAL> is trained by the InfoNCE loss
+    alone. Its row sees every real key (the paper: "all history tokens")."""
 
     global_token = True
 
     def phase(self, step):
         return "global_query"
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         if tower not in ("user", "answer"):
             raise ValueError(f"HybridGQ.train_mask: tower must be 'user' or 'answer', got {tower!r}")
         return global_query_mask(attention_mask, dtype) if tower == "user" else causal_mask(attention_mask, dtype)
@@ -683,6 +803,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
     if user.dim() != 2 or user.shape != answer.shape or user.shape[0] < 1:
         raise ValueError(f"info_nce: user and answer must both be (N, E) with N >= 1, got {tuple(user.shape)} "
                          f"and {tuple(answer.shape)}")
+    # official code [τ, margin]: tau = 0.02, margin = 0.1; the paper gives neither (train.py's --tau, --margin)
     if not tau > 0:
         raise ValueError(f"info_nce: tau must be > 0, got {tau}")
     work = torch.promote_types(user.dtype, torch.float32)
@@ -699,6 +820,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
 
     terms = [pos[:, None] / tau, negatives(s_ua)]  # Eq. 7 first two terms
     if same_side:
+        # paper [loss negatives]: Eq. 7 adds u-u and a-a; official code: u->a only (same_side=False)
         terms += [negatives(u @ u.T), negatives(a @ a.T)]  # Eq. 7 same-side terms
     logits = torch.cat(terms, dim=1)  # (N, 1 + N) or (N, 1 + 3N); column 0, the positive, is always finite
     return (torch.logsumexp(logits, dim=1) - pos / tau).mean()  # Eq. 6
@@ -706,6 +828,7 @@ def info_nce(user, answer, tau, margin, same_side=True):
 
 def _kept_negatives(s, threshold, off_diag):
     """Eq. 8: m_ij = 1 for j != i unless the term's similarity exceeds the positive + margin."""
+    # paper [false-negative mask]: Eq. 8, every term against the positive + margin; official code: u->a terms only
     return off_diag & (s <= threshold)
 
 

@@ -266,21 +266,49 @@ class Attention(nn.Module):
         # GQA: query head h reads KV head h // (nh // nkv), so repeat each KV head in place
         k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
         v = v.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
-        if impl == "sdpa":
-            # SDPA wants the mask in the dtype it really runs in (under autocast: the autocast dtype); cast and
-            # clamp again, since an fp32 finfo.min rounds to -inf in bf16
-            dt = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        if impl not in ("sdpa", "manual"):
+            raise ValueError(f"Attention: attn_impl must be 'sdpa' or 'manual', got {impl!r}")
+        dt = compute_dtype(q)  # what attention runs in: under autocast the autocast dtype, else q's
+        if torch.finfo(mask.dtype).bits > torch.finfo(dt).bits:
+            # a mask wider than the compute dtype carries log-weights dt cannot hold (Decoder.forward keeps a
+            # soft mask in fp32 for this reason: in bf16, log(0.5 + d) is one number for every |d| < 1e-3 and the
+            # GG-SM weights differ by ~1e-4): this layer's attention runs in fp32, scores + fp32 mask, fp32
+            # softmax, so the weights reach the output; projections and MLP stay in dt
+            with torch.autocast(q.device.type, enabled=False):
+                y = _attend(q.float(), k.float(), v.float(), mask.float(), self.hd, impl).to(q.dtype)
+        else:
+            # SDPA wants the mask in the dtype it really runs in; cast and clamp again, since an fp32 finfo.min
+            # rounds to -inf in bf16
             if mask.dtype != dt:
                 mask = mask.to(dt).clamp(min=torch.finfo(dt).min)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # never with is_causal: the mask says it all
-        elif impl == "manual":  # the readable spec; also where attention weights could be read off
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))  # (B, nh, L, L)
-            att = torch.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
-            y = att @ v                                                     # (B, nh, L, hd)
-        else:
-            raise ValueError(f"Attention: attn_impl must be 'sdpa' or 'manual', got {impl!r}")
+            y = _attend(q, k, v, mask, self.hd, impl)
         y = y.transpose(1, 2).reshape(B, L, self.nh * self.hd)  # (B, L, nh*hd)
         return self.o_proj(y)
+
+
+def compute_dtype(x):
+    """The dtype x's matmuls run in: the autocast dtype when autocast is on for x's device, else x.dtype."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _attend(q, k, v, mask, hd, impl):
+    """softmax(q k^T / sqrt(hd) + mask) v; q, k, v (B, nh, L, hd), mask broadcastable to (B, nh, L, L)."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # never with is_causal: the mask says it all
+    # manual: the readable spec; also where attention weights could be read off
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, nh, L, L)
+    att = torch.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
+    return att @ v                                              # (B, nh, L, hd)
+
+
+def holds(mask, dtype):
+    """True when casting the additive mask to `dtype` loses nothing that matters: every open entry (above
+    finfo(dtype).min; lower ones are blocked in any dtype) survives the round trip exactly. 0 / finfo.min
+    masks (causal, bidirectional, window, global query) hold in bf16; GG-SM's log-weights do not."""
+    if not mask.is_floating_point() or torch.finfo(mask.dtype).bits <= torch.finfo(dtype).bits:
+        return True
+    open_ = mask > torch.finfo(dtype).min
+    return bool(torch.where(open_, mask.to(dtype).to(mask.dtype) == mask, True).all())
 
 
 class MLP(nn.Module):
@@ -372,11 +400,18 @@ class Decoder(nn.Module):
         if mask is None:
             mask = torch.full((L, L), torch.finfo(dtype).min, device=h.device).triu(1)[None, None]  # (1,1,L,L) causal
 
+        compute = compute_dtype(h)  # bf16 under bf16 autocast or with bf16 weights
+
         def prepare(m):  # cast to the compute dtype; clamp so a sum of blocks is finfo.min, never -inf
             if m.dim() > 4 or m.shape[-2:] != (L, L):
                 raise ValueError(f"Decoder.forward: mask shape {tuple(m.shape)} is not broadcastable to "
                                  f"(B, heads, {L}, {L})")
-            return m.to(device=h.device, dtype=dtype).clamp(min=torch.finfo(dtype).min)
+            m = m.to(h.device)
+            # paper [mask precision]: not discussed; official code: fp32 bias under bf16 autocast
+            if not holds(m, compute):
+                # soft weights the compute dtype would erase: keep them in fp32; Attention then runs in fp32
+                return m.float().clamp(min=torch.finfo(torch.float32).min)
+            return m.to(compute).clamp(min=torch.finfo(compute).min)
 
         static_mask = None if callable(mask) else prepare(mask)
 
@@ -609,6 +644,19 @@ class ModalityAdapter(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
+def frozen_token_mean(decoder):
+    """The default event encoder of the event-level form (data.Template event_modalities): an event's token ids ->
+    the mean of the decoder's frozen input-embedding rows, a (D,) float32 array. It needs no download (the paper
+    uses one gte-base-zh per modality; a record's own precomputed `vector` events take the same adapter path). The
+    base rows never train, so each event is encoded once, with the data."""
+    W = decoder.model.embed_tokens.weight.detach().float().cpu()  # (V, D)
+
+    def encode(ids):
+        return W[torch.as_tensor(ids, dtype=torch.long)].mean(0).numpy()  # (D,)
+
+    return encode
+
+
 class UserEncoder(nn.Module):
     """
     Token ids (+ event vectors) -> decoder -> pooled, optionally projected, L2-normalised embedding (B, E).
@@ -645,6 +693,7 @@ class UserEncoder(nn.Module):
         # per-tower standardisation of the pooled (projected) state before the L2 normalisation: batch statistics
         # in training, running statistics at inference (kept with the trainable state). A decoder's pooled states
         # share one dominant direction; without it the cosine's gradient vanishes and the embeddings collapse.
+        # paper [pooled state before the L2 norm]: used as is (Eq. 13), standardize=False
         self.standardize = None
         if standardize:
             E = projector_dims[-1] if projector_dims is not None else D

@@ -54,6 +54,7 @@ import model
 # The paper's task order (Table 2 columns); must equal data.TASKS (a test checks it). Kept here so
 # the numeric part of the probe imports NumPy only.
 PAPER_TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
+# paper [probe]: linear probing, ROC-AUC, nothing else specified; the protocol above is this project's
 TEST_FRAC = 0.5  # share of the probe users held out as test users (module docstring)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # log grid of scikit-learn-style C
 
@@ -471,8 +472,9 @@ def progress(done, total, text, stream=None):
 def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     """Embed users with the frozen encoder, without gradients, in eval mode.
     batches: iterable of data.Side (or data.Batch, whose .user side is used).
-    mask_fn(attention_mask, dtype) -> the strategy's inference mask (a tensor or a per-layer callable),
-    e.g. Strategy.inference_mask; None means the encoder's default (causal).
+    mask_fn(attention_mask, dtype, history=...) -> the strategy's inference mask (a tensor or a per-layer callable),
+    e.g. Strategy.inference_mask (history: the side's user-history segment); None means the encoder's default
+    (causal).
     Returns (N, E) float32, in batch order."""
     dtype = next(encoder.parameters()).dtype
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -483,7 +485,7 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 side = (batch.user if hasattr(batch, "user") else batch).to(device)
-                mask = None if mask_fn is None else mask_fn(side.attention_mask, dtype)
+                mask = None if mask_fn is None else mask_fn(side.attention_mask, dtype, history=side.history)
                 emb = encoder(side.input_ids, side.attention_mask, side.pool_index, mask=mask,
                               vectors=side.vectors, vector_pos=side.vector_pos)
                 out.append(emb.float().cpu().numpy())
@@ -520,6 +522,8 @@ class RunSpec:
     pooling: str = "token"           # model.UserEncoder pooling
     projector: list = None           # dims after the hidden size, or None
     standardize: bool = False        # model.UserEncoder per-tower standardisation
+    event_modalities: list = field(default_factory=list)  # modalities in the event-level form (data.Template)
+    preamble: str = data.PREAMBLE    # the template's opening sentence (App. A.1); "" for none
 
     def to_dict(self):
         return asdict(self)
@@ -527,6 +531,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, d, where="spec"):
         names = [f.name for f in fields(cls)]
+        d = {"event_modalities": [], "preamble": "", **d}  # saved before these fields: text form, no preamble
         missing, unexpected = [k for k in names if k not in d], sorted(k for k in d if k not in names)
         if missing or unexpected:
             raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unexpected}")
@@ -540,19 +545,24 @@ def build_encoder(spec, device="cpu"):
     decoder = model.Decoder.from_pretrained(spec.base_model, dtype=getattr(torch, spec.dtype), device=device)
     cfg = decoder.config
     strategy_cls = ggsm.STRATEGIES[spec.mask]
+    events = {}
+    if spec.event_modalities:  # one position per event: the frozen base embeddings pooled, then the adapter
+        events = dict(event_modalities=spec.event_modalities, event_encoder=model.frozen_token_mean(decoder),
+                      event_dim=cfg.hidden_size)
     template = data.Template(os.path.join(spec.base_model, "tokenizer.json"), spec.modalities, spec.vector_dims,
                              max_len=spec.max_len, global_token=strategy_cls.global_token,
-                             max_answer_len=spec.answer_max_len)
+                             max_answer_len=spec.answer_max_len, preamble=spec.preamble, **events)
     if spec.lora:
         lora = spec.lora
         model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
     else:
         decoder.requires_grad_(False)
     projector = [cfg.hidden_size] + list(spec.projector) if spec.projector else None
-    encoder = model.UserEncoder(decoder, template.special_token_ids, spec.vector_dims,
+    encoder = model.UserEncoder(decoder, template.special_token_ids, template.vector_dims,  # + event-form widths
                                 pooling=spec.pooling, projector_dims=projector, standardize=spec.standardize).to(device)
     strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
-                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads, **spec.mask_options)
+                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                            **{"segment": "all", **spec.mask_options})  # saved before the option: every future key
     if strategy.module is not None:
         strategy.module.to(device)
     return encoder, template, strategy
@@ -704,7 +714,7 @@ def oracle_spec(spec):
     """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
     rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
     return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
-                   answer_max_len=spec.answer_max_len, pooling=spec.pooling)
+                   answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
 
 
 def cached_probe_set(data_path, cache_root, template, skip_bad=False):
@@ -721,7 +731,7 @@ def run(encoder, template, strategy, data_path, device, name, checkpoint=None, o
     baseline_spec (e.g. oracle_spec(run's spec)), that untrained encoder is probed on the same users too,
     as the "oracle" row with the paired difference. cache_root: read the users from an encoded cache there
     (cache.py; built on first use) instead of encoding the file in memory; the embeddings are the same."""
-    if cache_root is None:
+    if cache_root is None or template.event_modalities:  # the cache holds the text form only
         records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
         if report.n_bad:
             print(report, file=sys.stderr)
@@ -766,6 +776,7 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
+    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence for --model ('' for none)")
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
@@ -822,9 +833,10 @@ def main(argv=None):
             sys.exit(f"error: --model {args.model}: no config.json")
         if cached:  # the template's modalities are the file's: the cache's validation pass finds them
             tok_path = os.path.join(args.model, "tokenizer.json")
-            settings = {"tokenizer_sha256": cache.file_sha256(tok_path), "max_len": args.max_len, "modalities": "the file's"}
+            settings = {"tokenizer_sha256": cache.file_sha256(tok_path), "max_len": args.max_len, "modalities": "the file's",
+                        "preamble": args.preamble}
             make = lambda rep: data.Template(tok_path, rep.modalities, rep.vector_dims, max_len=args.max_len,  # noqa: E731
-                                             max_answer_len=RunSpec.answer_max_len)  # = build_encoder's, checked below
+                                             max_answer_len=RunSpec.answer_max_len, preamble=args.preamble)  # = build_encoder's, checked below
             try:
                 folder = cache.ensure(args.data, root, settings, make, require=("labels",), skip_bad=args.skip_bad,
                                       with_answer=False, log=lambda m: print(m, file=sys.stderr))
@@ -832,9 +844,17 @@ def main(argv=None):
                 sys.exit(f"error: {e}")
             report = cache.read_report(folder)
         # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
-        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len)
+        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
+                       preamble=args.preamble)
         encoder, template, strategy = build_encoder(spec, args.device)
         name = args.name or "oracle"
+    if cached and template.event_modalities:  # the cache holds the text form only (a checkpoint in event form)
+        print("--data-cache: the encoded cache holds the text form only; reading the data in memory", file=sys.stderr)
+        cached = False
+        try:
+            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if not cached:
         return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
                              args.export, args.batch_size, args.seed, test_frac=args.test_frac)

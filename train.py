@@ -66,7 +66,10 @@ def get_args(argv=None):
                    help="where --data and --probe-data are tokenized once and memory-mapped by every later run and rank "
                         "(cache.py); default: an 'encoded' folder beside each file; 'off': read and encode them in memory")
     # model
+    # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
+    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence (App. A.1; default: the paper's); '' for none")
+    p.add_argument("--event-modalities", default="", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; default none")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (paper: 64)")
@@ -77,6 +80,7 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    # official code [micro-batches]: every sequence padded to 512; --chunks 1 pads a micro-batch to its longest
     p.add_argument("--chunks", type=int, default=4, help="each micro-batch runs as this many length-sorted chunks, each padded to its own longest (less padding, the same loss)")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
@@ -93,7 +97,9 @@ def get_args(argv=None):
     p.add_argument("--capture-layer", default="last-block", help="'last-block' (input of the last block, default), 'final' (the paper's literal final hidden state) or a block index")
     p.add_argument("--importance-ema", type=float, default=0.0, help="EMA decay of the GG-SM importance (official effective value 0.0)")
     p.add_argument("--importance-norm", default="none", choices=ggsm.NORMALIZE, help="optional rescaling of gradient norms before the sigmoid (see ggsm.GradientImportance)")
+    p.add_argument("--hybrid-segment", default="history", choices=ggsm.SEGMENTS, help="hybrid_mask, hybrid_mlp: relax causality inside the user-history segment only (paper) or open every future key of both towers ('all')")
     # optimisation
+    # paper [lr, steps, batch]: 2e-4, 70k, 2,048 on Qwen2.5-0.5B; these defaults fit a CPU budget
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (T_total of every mask schedule)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
@@ -101,6 +107,7 @@ def get_args(argv=None):
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
+    # paper [τ]: not given; official code 0.02, Q-Anchor code 0.07; 0.05 is a choice between them, not tuned
     p.add_argument("--tau", type=float, default=0.05, help="InfoNCE temperature")
     p.add_argument("--margin", type=float, default=0.1, help="false-negative margin of Eq. 8")
     p.add_argument("--no-same-side", action="store_true", help="drop the user-user and answer-answer negatives of Eq. 7")
@@ -240,7 +247,7 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
     encoder = (towers.module if isinstance(towers, DDP) else towers).encoder
     loss_sum, tokens, weights, diag = 0.0, 0, [], []
     for m, chunks in enumerate(micro_batches):
-        user_masks = [_measured(strategy.train_mask(step, c.user.attention_mask, torch.float32),
+        user_masks = [_measured(strategy.train_mask(step, c.user.attention_mask, torch.float32, history=c.user.history),
                                 c.user.attention_mask, weights) for c in chunks]
         answer_masks = [strategy.train_mask(step, c.answer.attention_mask, torch.float32, tower="answer") for c in chunks]
         # no gradient all-reduce on the non-final micro-steps of an accumulation
@@ -282,11 +289,14 @@ def make_spec(args, model_dir, report):
     return probe.RunSpec(
         base_model=os.path.abspath(model_dir), modalities=report.modalities, vector_dims=report.vector_dims,
         mask=args.mask, total_steps=args.steps, warmup_steps=int(round(args.mask_warmup * args.steps)),
-        mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm},
+        mask_options={"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm,
+                      "segment": getattr(args, "hybrid_segment", "all")},  # a run saved before the option: the old behaviour
         dtype=args.dtype,
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
-        projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")])
+        projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")],
+        event_modalities=[m for m in getattr(args, "event_modalities", "").split(",") if m],
+        preamble=getattr(args, "preamble", ""))  # a run saved before the option had none
 
 
 # -----------------------------------------------------------------------------
@@ -346,11 +356,12 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
     os.makedirs(tmp, exist_ok=True)
     # the users' side only (histories, queries): the answers are the contrastive targets, so a decoder that had
     # learnt to predict them would not be the untrained Oracle the paper compares against
-    tok = data.train_tokenizer(data.record_texts(records, answers=False), args.tiny_vocab)
+    preamble = getattr(args, "preamble", "")  # a run saved before the option had none
+    tok = data.train_tokenizer(data.record_texts(records, answers=False, preamble=preamble), args.tiny_vocab)
     # the Template adds its tag / <VEC> / <USER> / <GLOBAL> tokens to the vocabulary before the decoder exists,
     # so the pretrained decoder has real rows for them
     template = data.Template(tok, report.modalities, report.vector_dims, max_len=args.max_len, global_token=True,
-                             max_answer_len=args.answer_max_len)
+                             max_answer_len=args.answer_max_len, preamble=preamble)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     cfg = model.ModelConfig(
         model_type="qwen2", vocab_size=tok.get_vocab_size(), hidden_size=args.tiny_hidden,
@@ -491,6 +502,12 @@ def load_train_records(args, train_path, log):
     return records, report
 
 
+def check_event_modalities(args, report):
+    unknown = [m for m in getattr(args, "event_modalities", "").split(",") if m and m not in report.modalities]
+    if unknown:
+        sys.exit(f"error: --event-modalities {','.join(unknown)}: not among the data's modalities {report.modalities}")
+
+
 # -----------------------------------------------------------------------------
 # the encoded cache (cache.py): rank 0 builds it, every rank memory-maps it and reads only its own users
 
@@ -502,7 +519,7 @@ def train_template(args, model_dir, report):
     """The template probe.build_encoder makes for a run of these arguments on a file with this report."""
     return data.Template(os.path.join(model_dir, "tokenizer.json"), report.modalities, report.vector_dims,
                          max_len=args.max_len, global_token=ggsm.STRATEGIES[args.mask].global_token,
-                         max_answer_len=args.answer_max_len)
+                         max_answer_len=args.answer_max_len, preamble=getattr(args, "preamble", ""))
 
 
 def ensure_train_cache(args, train_path, model_dir, ddp, master, log):
@@ -513,7 +530,8 @@ def ensure_train_cache(args, train_path, model_dir, ddp, master, log):
         # what decides the encoding besides the file: the tokenizer's bytes and the template's options
         settings = {"tokenizer_sha256": cache.file_sha256(os.path.join(model_dir, "tokenizer.json")),
                     "max_len": args.max_len, "answer_max_len": args.answer_max_len,
-                    "global_token": ggsm.STRATEGIES[args.mask].global_token, "modalities": "the file's"}
+                    "global_token": ggsm.STRATEGIES[args.mask].global_token, "modalities": "the file's",
+                    "preamble": getattr(args, "preamble", "")}
         try:
             result = ("ok", cache.ensure(train_path, data_cache_root(args, train_path), settings,
                                          partial(train_template, args, model_dir), require=("answer",),
@@ -539,6 +557,8 @@ def prepare_model(args, load_records, train_path, ddp, master, device, log):
         return args.model
     # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
     recipe = [file_digest(train_path), args.max_len, args.answer_max_len, args.seed, "user-side"]
+    if getattr(args, "preamble", ""):  # its text shapes the tokenizer and the LM sequences (none: the former key)
+        recipe.append(args.preamble)
     recipe += [getattr(args, k) for k in sorted(vars(args)) if k.startswith("tiny_")]
     model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
     if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
@@ -625,6 +645,10 @@ def main(argv=None):
     accum = check_args(args, world)
     train_path, probe_path = prepare_paths(args, ddp, master, log)
     cached = args.data_cache != "off"
+    if cached and getattr(args, "event_modalities", ""):
+        # the cache holds token ids; the event form turns texts into vectors of the base model's embeddings
+        log("--event-modalities: the encoded cache holds the text form only; reading the data in memory")
+        cached = False
     loaded = {}  # the records, read at most once: for the small decoder's build and/or the in-memory path
 
     def load():
@@ -638,6 +662,7 @@ def main(argv=None):
         folder, report = ensure_train_cache(args, train_path, model_dir, ddp, master, log)
     else:
         records, report = load()
+    check_event_modalities(args, report)
     spec = resume["spec"] if resume else make_spec(args, model_dir, report)
 
     torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank

@@ -90,7 +90,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["all", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["sections"] == ["train", "embed", "ggsm", "scaling", "padding"]
+    assert res["sections"] == ["train", "embed", "ggsm", "softmask", "scaling", "padding"]
     for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
                 "load_average_before", "load_average_after", "table"):
         assert key in res, key
@@ -105,6 +105,9 @@ def test_quick_all_writes_expected_json(tmp_path):
         for side in ("ours", "theirs"):
             assert r["memory"][side]["step_peak_mb"] > 0  # a training / inference step allocates something
     assert set(res["ggsm"]["median_s"]) == {"bidirectional", "ggsm"} and "overhead" in res["ggsm"]
+    sm = res["softmask"]
+    assert set(sm["median_s"]) == {"fp32 mask", "bf16 mask"} and all(len(v) == res["reps"] for v in sm["times_s"].values())
+    assert sm["overhead"] == pytest.approx(sm["median_s"]["fp32 mask"] / sm["median_s"]["bf16 mask"] - 1)
     assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
     pad = res["padding"]
     w = bench.WORK["padding"][1]
@@ -113,7 +116,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
     # padded keys are masked and positions are unchanged, so the padded epoch computes the same losses
     assert pad["max_loss_diff"] <= 1e-4
-    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "scaling", "padding"}
+    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "softmask", "scaling", "padding"}
 
 
 def test_probe_section_still_runs(tmp_path):
@@ -124,3 +127,25 @@ def test_probe_section_still_runs(tmp_path):
     # same objective: ours (tight Newton) reaches at most scikit-learn's value
     assert ours["objective"] <= min(s["objective"] for s in res["solvers"]) + 1e-6
     assert 0.5 < ours["test_auc"] <= 1.0
+
+
+def test_events_section_runs(tmp_path):
+    """bench.py events on a few synthetic users and a small decoder built by train.py: the event form is shorter by
+    exactly the text tokens it replaces with one position per event."""
+    import train
+    train_path, _ = data.write_synthetic(str(tmp_path / "data"), 24, 0, seed=1)
+    args = train.get_args(["--data", train_path, "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4",
+                           "--tiny-kv-heads", "2", "--tiny-vocab", "400", "--tiny-steps", "2", "--tiny-batch", "8"])
+    records, report = data.load_records(train_path, require=("answer",))
+    model_dir = train.build_tiny_decoder(args, records, report, str(tmp_path / "tiny"), torch.device("cpu"), lambda m: None)
+    out = tmp_path / "events.json"
+    bench.main(["events", "--model", model_dir, "--data", train_path, "--max-len", "10000", "--batch", "8",
+                "--reps", "1", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["event_modalities"] == ["app", "bill", "minipro", "search", "spm"]
+    t = data.Template(f"{model_dir}/tokenizer.json", report.modalities, report.vector_dims, max_len=10000)
+    text_tokens = [sum(len(t.tokenizer.encode(data.event_piece(e["text"]), add_special_tokens=False).ids) - 1
+                       for e in r["events"] if e.get("text") is not None) for r in records]
+    assert res["text"]["mean_length"] - res["event"]["mean_length"] == pytest.approx(sum(text_tokens) / len(records))
+    assert res["text"]["n_cut_events"] == res["event"]["n_cut_events"] == 0
+    assert all(res[f]["users_per_s"] > 0 and len(res[f]["times_s"]) == 1 for f in ("text", "event"))

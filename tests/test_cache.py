@@ -18,7 +18,7 @@ import cache
 import data
 import train
 from test_data import CORPUS, GOOD, write_lines
-from test_train import TINY, common, losses, max_diff, run
+from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,17 @@ EDGE = [
 
 @pytest.mark.parametrize("kw", [dict(max_len=512), dict(max_len=20), dict(max_len=16, global_token=True),
                                 dict(max_len=30, modality_budget={"bill": 1, "zzz": 0}, default_query="what next"),
-                                dict(max_len=40, max_answer_len=4)])
+                                dict(max_len=40, max_answer_len=4), dict(max_len=512, preamble=data.PREAMBLE),
+                                dict(max_len=24, global_token=True, preamble="user data:")])
 def test_examples_equal_user_dataset(tok, tmp_path, kw):
     """Hand-made corner cases, long and heavily truncated, with <GLOBAL>, budgets, a default query, cut answers."""
     path = write_lines(tmp_path, EDGE)
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"], {"tabular": 3, "bill": 3}, **kw)
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"], {"tabular": 3, "bill": 3},
+                        **{"preamble": "", **kw})
     old, new, _ = build_both(path, tmp_path / "enc", tpl, require=(), with_answer=True)
     assert_same_examples(old, new)
     assert old.n_cut > 0 or kw["max_len"] == 512
+    assert new[0]["history"][0] == len(tpl.preamble_ids) + int(tpl.global_token)
     assert new[0]["labels"] == {"movie": 1, "food": 0} and new[2]["user_id"] == "7" and new[1]["user_id"].endswith(":2")
 
 
@@ -89,7 +92,7 @@ def test_synthetic_users_and_chunks(tmp_path):
     train_path, _ = data.write_synthetic(str(tmp_path / "syn"), 60, 10, seed=1)
     records, report = data.load_records(train_path, require=("answer",))
     tk = data.train_tokenizer(data.record_texts(records), vocab_size=400)
-    tpl = data.Template(tk, report.modalities, report.vector_dims, max_len=100, max_answer_len=24)
+    tpl = data.Template(tk, report.modalities, report.vector_dims, max_len=200, max_answer_len=24)  # the paper's preamble
     key = {"format": cache.FORMAT, "test": "chunks"}
     folder = cache.build(train_path, str(tmp_path / "c"), key, lambda r: tpl, require=("answer",), chunk=7)
     assert_same_examples(data.UserDataset(records, tpl), cache.EncodedDataset(folder, tpl))
@@ -112,12 +115,14 @@ def test_synthetic_users_and_chunks(tmp_path):
     (GOOD, {"dims": {"tabular": 4}}, "events[1].vector: length 3, but modality 'tabular' has 4", 1),
     (dict(GOOD, query="what will this user do next month, and the month after that?"), {"max_len": 20},
      "more than max_len=20", 4),
+    (GOOD, {"max_len": 20, "preamble": data.PREAMBLE}, "tokens with <USER> and the preamble, more than max_len=20", 1),
 ])
 def test_encoding_errors_name_file_and_line(tok, tmp_path, rec, tpl_kw, message, line):
     """What the template refuses, the cache refuses too (the old path raises as well), naming file:line and user."""
     path = write_lines(tmp_path, [GOOD, "", GOOD, rec])  # the bad record on line 4 (line 2 is blank)
     tpl_kw = dict(tpl_kw)
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular"], tpl_kw.pop("dims", {"tabular": 3}), **tpl_kw)
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular"], tpl_kw.pop("dims", {"tabular": 3}),
+                        **{"preamble": "", **tpl_kw})
     records, _ = data.load_records(path)
     with pytest.raises(ValueError):
         data.UserDataset(records, tpl)
@@ -129,7 +134,7 @@ def test_encoding_errors_name_file_and_line(tok, tmp_path, rec, tpl_kw, message,
 
 def test_validation_errors_and_skip_bad_as_load_records(tok, tmp_path, capsys):
     path = write_lines(tmp_path, [GOOD, '{"events": [', GOOD])
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: invalid JSON")):
         cache.ensure(path, str(tmp_path / "enc"), {}, lambda r: tpl, log=lambda m: None)
     old, new, folder = build_both(path, tmp_path / "enc", tpl, require=(), skip_bad=True)
@@ -143,7 +148,7 @@ def test_key_rebuild_and_mismatch(tok, tmp_path):
     """A changed file or setting gives another folder; a folder whose key, template or arrays do not match fails
     naming the folder and what differs."""
     path = write_lines(tmp_path, [GOOD, GOOD])
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, max_len=64)
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, max_len=64, preamble="")
     root, quiet = str(tmp_path / "enc"), (lambda m: None)
     f1 = cache.ensure(path, root, {"max_len": 64}, lambda r: tpl, log=quiet)
     assert cache.ensure(path, root, {"max_len": 64}, lambda r: tpl, log=quiet) == f1  # reused
@@ -153,7 +158,7 @@ def test_key_rebuild_and_mismatch(tok, tmp_path):
     assert f3 != f1 and cache.EncodedDataset(f3, tpl)[1]["user_id"] == "u2"  # the file changed
     assert not [n for n in os.listdir(root) if ".tmp" in n]
     # the template it is opened with must be the one it was built with
-    other = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, max_len=32)
+    other = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, max_len=32, preamble="")
     with pytest.raises(ValueError, match=re.escape(f"{f3}: the cache was encoded with another template: max_len differ")):
         cache.EncodedDataset(f3, other)
     # a folder whose meta.json names another key
@@ -173,7 +178,7 @@ def test_key_rebuild_and_mismatch(tok, tmp_path):
 def test_reader_holds_no_users_in_memory(tok, tmp_path):
     """Everything per user stays in the memory maps but `lengths`; ds[i] reads user i only."""
     path = write_lines(tmp_path, [dict(GOOD, user_id=f"u{k}") for k in range(50)])
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     ds = cache.EncodedDataset(cache.ensure(path, str(tmp_path / "e"), {}, lambda r: tpl, log=lambda m: None), tpl)
     for name in ("user_ids", "user_off", "answer_ids", "labels", "uid_bytes", "lines"):
         assert isinstance(getattr(ds, name), np.memmap), name
@@ -188,19 +193,23 @@ def test_reader_holds_no_users_in_memory(tok, tmp_path):
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cachetrain")
     train_path, probe_path = data.write_synthetic(str(root / "data"), 48, 160, seed=3)
-    args = train.get_args(["--data", train_path] + TINY)
+    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
     records, report = data.load_records(train_path, require=("answer",))
     model_dir = train.build_tiny_decoder(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
     return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
 
 
+SHORT = ["--preamble", "User data:"]  # an opening sentence that fits --max-len 96 with the small BPE
+
+
 def test_training_and_probe_same_as_in_memory(workdir):
     """--data-cache off (records in memory) against the cache (built by this run, beside the file): the same
     losses at every step, the same final weights and the same probe AUCs, for the trained row and the Oracle;
-    hybrid_gq: a template with <GLOBAL> for training, without it for the Oracle (two probe caches)."""
+    hybrid_gq: a template with <GLOBAL> and a preamble for training, the preamble alone for the Oracle (two probe
+    caches)."""
     a, b = str(workdir["root"] / "in-memory"), str(workdir["root"] / "cached")
     args = ["--mask", "hybrid_gq", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8", "--micro-batch", "4",
-            "--probe-data", workdir["probe"]]
+            "--probe-data", workdir["probe"]] + SHORT
     with_probe = lambda out, *extra: [x for x in common(workdir, out, *args, *extra) if x != "--no-probe"]  # noqa: E731
     run(with_probe(a, "--data-cache", "off"))
     assert not os.path.exists(workdir["root"] / "data" / "encoded")
@@ -216,7 +225,7 @@ def test_training_and_probe_same_as_in_memory(workdir):
         assert {t: r["auc"] for t, r in row_a["tasks"].items()} == {t: r["auc"] for t, r in row_b["tasks"].items()}
     # probe.py alone, on the checkpoint and as the Oracle of the base: the cache (a fresh folder) = in memory
     import probe
-    for source in (["--checkpoint", os.path.join(a, "checkpoint")], ["--model", workdir["model"], "--max-len", "96"]):
+    for source in (["--checkpoint", os.path.join(a, "checkpoint")], ["--model", workdir["model"], "--max-len", "96"] + SHORT):
         outs = []
         for dc in ("off", str(workdir["root"] / "probe-cache")):
             out = str(workdir["root"] / f"probe-{len(outs)}")
@@ -230,7 +239,7 @@ def test_training_and_probe_same_as_in_memory(workdir):
 def test_probe_embeddings_same_as_in_memory(workdir, tmp_path):
     import probe
     spec = probe.RunSpec(workdir["model"], ["bill", "minipro", "spm", "app", "search", "tabular"], {"tabular": 8},
-                         max_len=96)
+                         max_len=96, preamble="User data:")
     torch.manual_seed(0)
     enc, tpl, strat = probe.build_encoder(spec)
     records, _ = data.load_records(workdir["probe"], require=("labels",))
@@ -243,11 +252,12 @@ def test_probe_embeddings_same_as_in_memory(workdir, tmp_path):
 def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
     """torchrun, 2 gloo ranks: rank 0 builds the cache while rank 1 waits, both read their own micro-batches;
     the losses and weights are the 1-process in-memory run's. Then resumed from step 2 on 2 ranks: the data
-    position is restored (same losses and weights as never stopped)."""
+    position is restored (same losses and weights as never stopped). hybrid_mask relaxes causality inside each
+    user's history segment only: the segment read from the cache is the template's."""
     cache_dir = str(workdir["root"] / "ddp-cache")
     one, two = str(workdir["root"] / "one-mem"), str(workdir["root"] / "two-cache")
-    args = ["--mask", "ggsm", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8", "--no-standardize",
-            "--ckpt-every", "2"]
+    args = ["--mask", "hybrid_mask", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8", "--no-standardize",
+            "--ckpt-every", "2"] + SHORT
     run(common(workdir, one, *args, "--micro-batch", "8", "--data-cache", "off"))
     run(common(workdir, two, *args, "--micro-batch", "4", "--data-cache", cache_dir, "--halt-after", "2"), nproc=2)
     assert len(os.listdir(cache_dir)) == 1
@@ -261,7 +271,7 @@ def test_a_template_change_not_mirrored_fails_the_build(tok, tmp_path, monkeypat
     """cache.build restates data.Template; if the template changes (an opening sentence, a new example field) and
     cache.py does not follow, the build re-encodes its first and last users with data.Template and stops."""
     path = write_lines(tmp_path, [dict(GOOD, user_id=f"u{k}") for k in range(30)])
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     encode_user = data.Template.encode_user
 
     def with_opening(self, record):  # what a template with an opening sentence would give
@@ -303,7 +313,7 @@ def test_parallel_validation_equals_one_pass(tok, tmp_path, capsys):
     lines[22] = "[1]"
     lines[17] = dict(GOOD, user_id="wide", events=[{"modality": "tabular", "vector": [1, 2, 3, 4]}])
     path = write_lines(tmp_path, [""] + lines)  # a blank first line: numbering must still follow the file
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3})
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     records, report = data.load_records(path, skip_bad=True)
     folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl, skip_bad=True, workers=3)
     ds = cache.EncodedDataset(folder, tpl)

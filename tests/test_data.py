@@ -44,7 +44,8 @@ def tok():
 
 
 def template(tok, modalities=("bill", "search", "tabular"), **kw):
-    return data.Template(copy.deepcopy(tok), list(modalities), {"tabular": 3}, **kw)
+    """Without the opening sentence unless asked (the tests below spell sequences out; test_preamble checks it)."""
+    return data.Template(copy.deepcopy(tok), list(modalities), {"tabular": 3}, **{"preamble": "", **kw})
 
 
 # -----------------------------------------------------------------------------
@@ -195,11 +196,15 @@ def test_round_trip_tags_order_and_user_index(tok, tmp_path):
     enc = t.encode_user(REC)
     ids = enc["input_ids"]
     # blocks in paper order, only modalities present (no <app>), events oldest first inside a block
-    want = ("<bill> grocery 30; cinema 45; metro 4;</bill><search> weather today;</search>"
-            "<tabular><VEC></tabular> Instruction: what next<USER>")
+    want = (data.PREAMBLE + "<bill> grocery 30; cinema 45; metro 4;</bill><search> weather today;</search>"
+            "<tabular><VEC></tabular> Instruction: what next<USER>")  # the paper's opening sentence by default
     assert t.tokenizer.decode(ids, skip_special_tokens=False) == want
     assert enc["user_index"] == len(ids) - 1 and ids[-1] == t.user_id == t.tokenizer.token_to_id("<USER>")
     assert enc["n_cut"] == 0
+    # the user-history segment: the blocks, from <bill> to </tabular>; the instruction, query and <USER> follow it
+    start, end = enc["history"]
+    assert t.tokenizer.decode(ids[start:end], skip_special_tokens=False) == want.split(" Instruction:")[0][len(data.PREAMBLE):]
+    assert t.tokenizer.decode(ids[end:], skip_special_tokens=False) == " Instruction: what next<USER>"
     assert t.special_tokens == ["<bill>", "</bill>", "<app>", "</app>", "<search>", "</search>",
                                 "<tabular>", "</tabular>", "<VEC>", "<USER>"]
     base = tok.get_vocab_size()
@@ -211,7 +216,7 @@ def test_round_trip_tags_order_and_user_index(tok, tmp_path):
 
 
 def test_tokenizer_padding_and_truncation_settings_ignored(tok):
-    t0 = template(tok)
+    t0 = template(tok, preamble=data.PREAMBLE)  # the sentence too must not be padded or truncated
     odd = copy.deepcopy(tok)
     odd.enable_padding(length=40)
     odd.enable_truncation(max_length=2)
@@ -228,10 +233,30 @@ def test_other_modalities_sorted_after_paper_order(tok):
     assert s == "<bill> grocery 30;</bill><alpha> cinema 45;</alpha><zeta> metro 4;</zeta> Instruction:<USER>"
 
 
+def test_preamble(tok):
+    """App. A.1's opening sentence: first (after <GLOBAL>), never cut, outside the history segment; "" drops it."""
+    rec = {"query": "what next", "events": [{"modality": "bill", "time": i, "text": "metro 4"} for i in range(6)]}
+    plain = template(tok).encode_user(rec)
+    pre_ids = template(tok).tokenizer.encode(data.PREAMBLE, add_special_tokens=False).ids
+    t = template(tok, global_token=True, preamble=data.PREAMBLE, max_len=10_000)
+    enc = t.encode_user(rec)
+    assert enc["input_ids"] == [t.global_id] + pre_ids + plain["input_ids"]
+    assert enc["history"] == (1 + len(pre_ids), 1 + len(pre_ids) + plain["history"][1])
+    short = template(tok, preamble=data.PREAMBLE, max_len=len(plain["input_ids"]) + len(pre_ids) - 4)
+    cut = short.encode_user(rec)  # the budget shrinks by the sentence: old events go, the sentence stays
+    assert cut["input_ids"][:len(pre_ids)] == pre_ids and cut["n_cut"] > 0
+    with pytest.raises(ValueError, match="and the preamble, more than max_len"):
+        template(tok, preamble=data.PREAMBLE, max_len=len(pre_ids)).encode_user(rec)
+    texts = list(data.record_texts([rec]))
+    assert texts[0] == data.PREAMBLE and data.PREAMBLE not in data.record_texts([rec], preamble="")
+
+
 def test_global_token_and_default_query(tok):
     t = template(tok, global_token=True, default_query="what next")
     enc = t.encode_user({"events": [{"modality": "bill", "text": "metro 4"}]})
     assert enc["input_ids"][0] == t.global_id == t.tokenizer.token_to_id("<GLOBAL>")
+    start, end = enc["history"]
+    assert (start, enc["input_ids"][start], enc["input_ids"][end - 1]) == (1, t.open_id["bill"], t.close_id["bill"])
     assert t.global_id in t.special_token_ids and "<GLOBAL>" in t.special_tokens
     assert t.tokenizer.decode(enc["input_ids"], skip_special_tokens=False).endswith(" Instruction: what next<USER>")
 
@@ -278,6 +303,40 @@ def test_truncation_keeps_latest_events(tok):
         assert t.tokenizer.decode(ids[-6:], skip_special_tokens=False).endswith("what next<USER>")
     with pytest.raises(ValueError, match="query: .* more than max_len=3"):
         template(tok, max_len=3).encode_user(rec)
+
+
+def test_event_form_one_position_per_event(tok):
+    """Event-level form for bill: each bill event is one <VEC> position whose vector is event_encoder(the ids the text
+    form would have written); search stays subwords; the other positions and the cut are unchanged otherwise."""
+    def encoder(ids):  # a known function of the ids, so the vector can be checked against them
+        return np.array([len(ids), sum(ids), ids[0]], dtype=np.float32)
+
+    text_t = template(tok)
+    ev_t = template(tok, event_modalities=["bill"], event_encoder=encoder, event_dim=3)
+    assert ev_t.vector_dims == {"tabular": 3, "bill": 3} and text_t.vector_dims == {"tabular": 3}
+    enc = ev_t.encode_user(REC)
+    ids = enc["input_ids"]
+    s = ev_t.tokenizer.decode(ids, skip_special_tokens=False)
+    assert s == ("<bill><VEC><VEC><VEC></bill><search> weather today;</search><tabular><VEC></tabular>"
+                 " Instruction: what next<USER>")
+    bills = ["grocery 30", "cinema 45", "metro 4"]  # oldest first
+    want = [encoder(text_t.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids) for b in bills]
+    assert [ids[c] for c in enc["vector_pos"]["bill"]] == [ev_t.vec_id] * 3 and enc["vector_pos"]["bill"] == [1, 2, 3]
+    assert np.array_equal(np.stack(enc["vectors"]["bill"]), np.stack(want))
+    assert enc["vectors"]["tabular"] == [[1.0, 2.0, 3.0]]
+    n_text = len(text_t.encode_user(REC)["input_ids"])
+    bill_tokens = sum(len(text_t.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids) for b in bills)
+    assert len(ids) == n_text - bill_tokens + 3  # one position per bill event
+    # a batch carries the event vectors like any vector (the model runs the bill adapter on them)
+    ds = data.UserDataset([dict(REC, answer="a")], ev_t)
+    b = data.collate([ds[0]])
+    assert b.user.vectors["bill"].shape == (3, 3) and b.user.vector_pos["bill"].tolist() == [[0, 1], [0, 2], [0, 3]]
+    with pytest.raises(ValueError, match="reads 4-wide vectors"):
+        template(tok, event_modalities=["tabular"], event_encoder=encoder, event_dim=4)
+    with pytest.raises(ValueError, match="not among the modalities"):
+        template(tok, event_modalities=["app"], event_encoder=encoder, event_dim=3)
+    with pytest.raises(ValueError, match="need an event_encoder"):
+        template(tok, event_modalities=["bill"])
 
 
 def test_modality_budget(tok):
@@ -332,6 +391,9 @@ def test_collate_padding_pool_index_vectors(tok):
     assert (b.user.input_ids[pos[:, 0], pos[:, 1]] == t.vec_id).all()
     assert vec.tolist() == [[1, 2, 3], [7, 8, 9], [1, 1, 1]] and pos[:, 0].tolist() == [0, 2, 2]
     assert b.user_ids == ["u", "b", "c"] and b.index.tolist() == [0, 1, 2]
+    assert b.user.history.tolist() == [list(ds[r]["history"]) for r in range(3)] and b.answer.history is None
+    assert b.user.history[:, 1].tolist() == [ds.lengths[r] - len(t.tokenizer.encode(" Instruction:").ids) - 1
+                                             - (r == 0) * len(t.tokenizer.encode(" what next").ids) for r in range(3)]
     # a batch without vectors still carries an empty (0, F) tensor per vector modality
     b1 = data.collate([ds[1]])
     assert b1.user.vectors["tabular"].shape == (0, 3) and b1.user.vector_pos["tabular"].shape == (0, 2)

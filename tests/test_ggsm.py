@@ -83,6 +83,15 @@ MLP_INIT = [[1, .02, .02, .02, .02],
             [1, 1, 1, 1, 1]]
 
 
+HIST = torch.tensor([[1, 4], [0, 2]])  # [start, end) of each row's user-history segment (row 1: 3 real tokens)
+
+
+def relaxed_in_history(w, n_real, start, end, L=5):
+    """Naive loop: 1 on the past, w_j on a future key j when start <= i < j < end, blocked otherwise and on pads."""
+    return [[X if j >= n_real else 1 if j <= i else w[j] if start <= i and j < end else X for j in range(L)]
+            for i in range(L)]
+
+
 def padded(M, n_real):
     """The same matrix for a sequence with n_real tokens: padded key columns blocked (query rows unchanged)."""
     return [[v if j < n_real else X for j, v in enumerate(r)] for r in M]
@@ -131,12 +140,16 @@ G1 = grad_with_norms([[LN3, 2 * LN3, LN4, LN9, 0.0], [LN3, 0.0, LN4, 1e6, 1e6]])
 G2 = grad_with_norms([[0.0, LN9, LN4, LN3, LN9], [0.0, LN9, LN4, 1e6, 1e6]])  # I2 = (0, ln9, ln4, ln3, ln9)
 
 
-def run_ggsm_warmup(strategy, total=10, warm=4):
-    """Steps 0..warm-1 with G1 at every step but the last, which sees G2 (the one that gets frozen)."""
-    s = ggsm.STRATEGIES[strategy](total_steps=total, warmup_steps=warm, n_layers=2)
+def run_ggsm_warmup(strategy, total=10, warm=4, **options):
+    """Steps 0..warm-1 with G1 at every step but the last, which sees G2 (the one that gets frozen).
+    hybrid_mask runs with segment="all" (every future key) unless options say otherwise."""
+    if strategy == "hybrid_mask":
+        options = {"segment": "all", **options}
+    s = ggsm.STRATEGIES[strategy](total_steps=total, warmup_steps=warm, n_layers=2, **options)
+    history = HIST if options.get("segment") == "history" else None
     masks = {}
     for t in range(warm):
-        masks[t] = s.train_mask(t, AM, torch.float32)
+        masks[t] = s.train_mask(t, AM, torch.float32, history=history)
         assert s.wants_gradients(t)
         s.accumulate(G2 if t == warm - 1 else G1, AM)
         s.end_step(t)
@@ -227,16 +240,39 @@ def test_causal_bidirectional_strategies():
         assert s.capture_layer is None and s.module is None and not s.wants_gradients(0)
 
 
+def window_by_hand(n_real, delta, L=5):
+    """Naive loop: key j visible to query i when j <= i + delta and j is a real token."""
+    return [[1 if j < n_real and j <= i + delta else X for j in range(L)] for i in range(L)]
+
+
 def test_scheduler():
     s = ggsm.STRATEGIES["scheduler"](total_steps=10, warmup_steps=4)
-    # delta(t) = floor(5 t / 10): t=0 -> 0, t=3 -> 1, t=7 -> 3
-    for t, rows in ((0, CAUSAL), (3, WINDOW1), (7, WINDOW3), (10, BIDIR), (11, BIDIR)):
-        assert_batch(s.train_mask(t, AM), rows, f"scheduler t={t}")
-        assert_batch(s.train_mask(t, AM, tower="answer"), rows, f"scheduler answer t={t}")
+    # each row's own length n: delta(t) = floor(n t / 10); the full row (n = 5): t=0 -> 0, t=3 -> 1, t=7 -> 3;
+    # the padded row (n = 3): t=3 -> 0, t=7 -> 2
+    for t, rows, d3 in ((0, CAUSAL, 0), (3, WINDOW1, 0), (7, WINDOW3, 2), (10, BIDIR, 3), (11, BIDIR, 3)):
+        for tower in ("user", "answer"):
+            m = s.train_mask(t, AM, tower=tower)
+            assert_mask(m[0, 0], rows, f"scheduler {tower} t={t} [full row]")
+            assert_mask(m[1, 0], window_by_hand(3, d3), f"scheduler {tower} t={t} [padded row]")
     assert_batch(s.inference_mask(AM), BIDIR, "scheduler inference")
     assert [s.window_delta(t, 5) for t in range(11)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     assert future_weight(s, 0) == 0.0 and future_weight(s, 10) == 1.0
     assert future_weight(s, 3) == pytest.approx(4 / 10)  # 4 of the 10 future pairs are 1 apart
+
+
+def test_scheduler_window_is_the_users_own():
+    """A user's window depends on its own length only: adding a longer batch-mate (more padding) changes nothing."""
+    s = ggsm.STRATEGIES["scheduler"](total_steps=10)
+    short = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]])  # 4 tokens, padded to the batch-mate's 10
+    alone = torch.ones(1, 4, dtype=torch.long)
+    mates = torch.cat([short, torch.ones(1, 10, dtype=torch.long)])
+    for t in range(11):
+        m_alone = s.train_mask(t, alone)[0, 0]  # (4, 4)
+        m_batch = s.train_mask(t, mates)[0, 0, :4, :4]  # the short user's real block, in a batch of L = 10
+        assert torch.equal(m_alone, m_batch), f"t={t}: the short user's mask depends on its batch-mate"
+        assert_mask(s.train_mask(t, mates)[1, 0], window_by_hand(10, (10 * t) // 10, L=10), f"long user t={t}")
+    with pytest.raises(ValueError, match="window_mask"):
+        ggsm.window_mask(AM, torch.tensor([1, -1]))
 
 
 def test_ggsm_schedule_hand_written():
@@ -275,6 +311,63 @@ def test_hybrid_mask_schedule():
     assert_batch(s.inference_mask(AM), GGSM_FROZEN, "hybrid_mask inference")
 
 
+def test_hybrids_relax_causality_over_the_history_segment_only():
+    """Paper A.4: a hybrid "selectively relaxes causality over the user-history segment": future keys open only
+    with query and key both in [start, end); the instruction, query, <USER> and the answer tower stay causal."""
+    s, masks = run_ggsm_warmup("hybrid_mask", segment="history")
+    w_half, w_frozen = [.5] * 5, s.future_weights(4, 5).tolist()
+    for name, mask, w in (("t=0", masks[0], w_half), ("t=7", s.train_mask(7, AM, history=HIST), w_frozen),
+                          ("inference", s.inference_mask(AM, history=HIST), w_frozen)):
+        for b, n_real in enumerate((5, 3)):
+            assert_mask(mask[b, 0], relaxed_in_history(w, n_real, *HIST[b].tolist()), f"hybrid_mask {name} row {b}")
+    assert_batch(s.train_mask(7, AM, tower="answer"), CAUSAL, "hybrid_mask answer", CAUSAL_PADDED)
+    assert_batch(s.inference_mask(AM, tower="answer"), CAUSAL, "hybrid_mask answer inference", CAUSAL_PADDED)
+    with pytest.raises(ValueError, match="needs history"):
+        s.train_mask(7, AM)
+    # hybrid_mlp: its 0.02 start, inside the segment only
+    m = ggsm.STRATEGIES["hybrid_mlp"](total_steps=10, n_layers=2, hidden_size=8)
+    h = torch.randn(2, 5, 8)
+    for layer in (0, 1):
+        mask = m.train_mask(0, AM, history=HIST)(layer, h)
+        for b, n_real in enumerate((5, 3)):
+            assert_mask(mask[b, 0], relaxed_in_history([.02] * 5, n_real, *HIST[b].tolist()), f"hybrid_mlp layer {layer} row {b}")
+    assert_batch(m.train_mask(0, AM, tower="answer"), CAUSAL, "hybrid_mlp answer", CAUSAL_PADDED)
+    with pytest.raises(ValueError, match="segment must be"):
+        ggsm.STRATEGIES["hybrid_mlp"](total_steps=10, n_layers=2, hidden_size=8, segment="future")
+    # segment="all" keeps the former opening of every future key (covered above by the GGSM_FROZEN / MLP_INIT rows)
+    assert ggsm.history_segment(HIST, 5).tolist() == [[False, True, True, True, False], [True, True, False, False, False]]
+
+
+@pytest.mark.parametrize("strategy", ["hybrid_mask", "hybrid_mlp"])
+def test_hybrid_history_segment_in_the_decoder(strategy):
+    """Through the decoder: a changed query token (after the segment) leaves every earlier hidden state as it was,
+    a changed late history token reaches the earlier history positions but not the token before the segment."""
+    enc, cfg = tiny_encoder("token")
+    s = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=2, n_layers=2, hidden_size=16)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (1, 8), generator=g)
+    am = torch.ones(1, 8, dtype=torch.long)
+    hist = torch.tensor([[1, 5]])  # position 0 stands for <GLOBAL> / the opening sentence, 5.. for the query
+
+    def hidden(ids):
+        with torch.no_grad():
+            return enc.decoder(ids, mask=s.train_mask(0, am, history=hist))[0]  # (8, D)
+
+    base = hidden(ids)
+    query, late = ids.clone(), ids.clone()
+    query[0, 6] = (ids[0, 6] + 1) % 40
+    late[0, 4] = (ids[0, 4] + 1) % 40
+    assert torch.equal(hidden(query)[:6], base[:6]), "a query token reached the history"
+    change = (hidden(late) - base).abs().amax(-1)  # (8,)
+    assert change[0] == 0, "the token before the segment saw a history token after it"
+    assert (change[1:4] > 1e-6).all(), f"history positions 1-3 did not see history token 4: {change}"
+    s_all = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=2, n_layers=2, hidden_size=16, segment="all")
+    with torch.no_grad():
+        h_all = enc.decoder(ids, mask=s_all.train_mask(0, am))[0]
+        h_all_q = enc.decoder(query, mask=s_all.train_mask(0, am))[0]
+    assert (h_all_q[:6] - h_all[:6]).abs().amax() > 1e-6, "segment='all' opens the query to the history, as before"
+
+
 def test_hybrid_gq_schedule():
     s = ggsm.STRATEGIES["hybrid_gq"](total_steps=10, warmup_steps=4)
     for t in (0, 3, 7, 10):
@@ -287,7 +380,7 @@ def test_hybrid_gq_schedule():
 
 def test_hybrid_mlp_schedule_starts_nearly_causal_and_learns():
     torch.manual_seed(0)
-    s = ggsm.STRATEGIES["hybrid_mlp"](total_steps=10, warmup_steps=4, n_layers=2, hidden_size=8)
+    s = ggsm.STRATEGIES["hybrid_mlp"](total_steps=10, warmup_steps=4, n_layers=2, hidden_size=8, segment="all")
     assert isinstance(s.module, ggsm.HybridMLPBias)
     h = torch.randn(2, 5, 8)
     for t in (0, 3, 7, 10):
@@ -404,7 +497,7 @@ def _roundtrip(sd, tmp_path, name):
 def test_state_dict_round_trip(tmp_path):
     for strategy in ("ggsm", "hybrid_mask"):
         s, _ = run_ggsm_warmup(strategy)
-        fresh = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=4, n_layers=2)
+        fresh = ggsm.STRATEGIES[strategy](total_steps=10, warmup_steps=4, n_layers=2, segment="all")
         fresh.load_state_dict(_roundtrip(s.state_dict(), tmp_path, strategy))
         for t in (4, 7, 9):
             assert torch.equal(fresh.train_mask(t, AM), s.train_mask(t, AM)), (strategy, t)
@@ -418,10 +511,10 @@ def test_state_dict_round_trip(tmp_path):
     assert_batch(fresh.train_mask(1, AM), GGSM_WARM, "ggsm after resume t=1")
     # hybrid_mlp: the MLP weights travel with the schedule
     torch.manual_seed(1)
-    m = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8)
+    m = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8, segment="all")
     for p in m.module.parameters():
         p.data.normal_()
-    fresh = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8)
+    fresh = ggsm.STRATEGIES["hybrid_mlp"](10, 0, n_layers=2, hidden_size=8, segment="all")
     fresh.load_state_dict(_roundtrip(m.state_dict(), tmp_path, "mlp"))
     h = torch.randn(2, 5, 8)
     assert torch.equal(fresh.train_mask(0, AM)(1, h), m.train_mask(0, AM)(1, h))
@@ -613,7 +706,8 @@ def test_decoder_trains_under_every_strategy(dtype):
     aids = torch.randint(0, 40, (B, La), generator=g)
     alens = torch.tensor([4, 2, 3, 4])
     aam = (torch.arange(La)[None] < alens[:, None]).long()
-    batch = data.Batch(data.Side(ids, am, lens - 1, {}, {}), data.Side(aids, aam, alens - 1, {}, {}),
+    history = torch.stack([torch.zeros(B, dtype=torch.long), lens - 2], 1)  # (B, 2): all but the query token and <USER>
+    batch = data.Batch(data.Side(ids, am, lens - 1, {}, {}, history), data.Side(aids, aam, alens - 1, {}, {}),
                        [], [], torch.arange(B))
     loss_fn = functools.partial(ggsm.info_nce, tau=0.05, margin=0.1)
     for strategy in ggsm.STRATEGIES:
@@ -632,7 +726,7 @@ def test_decoder_trains_under_every_strategy(dtype):
         changed = sum(not torch.equal(p, b) for p, b in zip(params, before))
         assert changed > 0 and all(torch.isfinite(p).all() for p in params), strategy
         with torch.no_grad():
-            e = enc(ids, am, lens - 1, mask=s.inference_mask(am, dtype))
+            e = enc(ids, am, lens - 1, mask=s.inference_mask(am, dtype, history=history))
         assert torch.isfinite(e).all() and e.shape == (B, 16), (strategy, phases)
         if strategy == "ggsm":
             assert phases == ["warmup", "warmup", "ramp", "ramp", "bidirectional"]
@@ -652,6 +746,26 @@ def test_readme_strategy_example_runs_inside_ggsm():
     w = torch.sigmoid(torch.tensor(-2.944)).item()  # 0.05003
     for head in range(3):
         assert_batch(m[:, head:head + 1], [[1 if j <= i else w for j in range(5)] for i in range(5)], f"head {head}")
+
+
+def test_readme_deviation_rows_are_marked_in_the_code():
+    """Every row of the README's two deviation tables (paper / official code / this implementation, and the defaults
+    that depart from the paper) has a '# paper [aspect]:' or '# official code [aspect]:' comment where it is
+    implemented, and every such comment names a row: the table and the code agree."""
+    import glob
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    section = readme.split("### Paper, official code, this implementation", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")} - {"aspect"}
+    rows = {r for r in rows if not set(r) <= set("-")}
+    assert len(rows) >= 25, rows
+    marks = {}
+    for path in glob.glob(os.path.join(root, "*.py")):
+        for m in re.finditer(r"^ *# (paper|official code) \[([^\]]+)\]:", open(path, encoding="utf-8").read(), re.M):
+            marks.setdefault(m.group(2), []).append(os.path.basename(path))
+    assert not rows - set(marks), f"README rows without a mark in the code: {sorted(rows - set(marks))}"
+    assert not set(marks) - rows, f"marks in the code without a README row: {sorted(set(marks) - rows)}"
 
 
 def test_batch_diagnostics_by_hand():
@@ -716,7 +830,8 @@ def test_train_step_in_length_sorted_chunks_equals_one_batch(strategy):
     def batch(rows):
         (ui, ua, up), (ai, aa, ap) = sides
         Lu, La = max(lens[r] for r in rows), int(aa[rows].sum(1).max())
-        return data.Batch(data.Side(ui[rows, :Lu], ua[rows, :Lu], up[rows], {}, {}),
+        history = torch.stack([torch.ones(len(rows), dtype=torch.long), up[rows]], 1)  # (B, 2): [1, <USER>)
+        return data.Batch(data.Side(ui[rows, :Lu], ua[rows, :Lu], up[rows], {}, {}, history),
                           data.Side(ai[rows, :La], aa[rows, :La], ap[rows], {}, {}), [], [], torch.tensor(rows))
 
     order = sorted(range(6), key=lambda r: lens[r])  # rows in length order both times: the same row order

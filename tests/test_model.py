@@ -214,6 +214,53 @@ def test_fully_masked_rows_are_finite(dtype, impl, monkeypatch):
     assert torch.isfinite(x.grad).all()
 
 
+def soft_of(am, w):
+    """Eq. 4 written out: 0 for j <= i, log w_j for j > i, padded keys blocked; (B, 1, L, L) fp32."""
+    L = am.shape[1]
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    m = torch.where(j > i, torch.log(w)[None, :], 0.0)[None].expand(am.shape[0], -1, -1)
+    return torch.where(am[:, None, :].bool(), m, torch.finfo(torch.float32).min)[:, None]
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16-weights"])
+@pytest.mark.parametrize("impl", ["sdpa", "manual"])
+def test_soft_mask_survives_bf16(impl, how, monkeypatch):
+    """GG-SM's warm-up weights differ by ~1e-4 around 0.5, and bf16 holds log(0.5 + d) as one number for |d| < 1e-3:
+    a mask cast to bf16 would make two different masks the same. They must give different attention outputs."""
+    d = tiny()
+    d.attn_impl = impl
+    ids, am = batch()
+    ids = ids % 97
+    L = am.shape[1]
+    w1 = torch.full((L,), 0.5)
+    w2 = w1 + 1e-4 * (torch.arange(L) % 2)  # odd key columns 1e-4 more visible
+    m1, m2 = soft_of(am, w1), soft_of(am, w2)
+    assert torch.equal(m1.to(torch.bfloat16), m2.to(torch.bfloat16)), "premise: bf16 cannot tell the masks apart"
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask: seen.append((q.dtype, attn_mask)) or sdpa(q, k, v, attn_mask=attn_mask))
+    with torch.no_grad():
+        if how == "autocast":  # the CUDA recipe: fp32 weights, bf16 autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h1, h2 = d(ids, mask=m1), d(ids, mask=m2)
+        else:  # --dtype bfloat16 without autocast
+            d = d.to(torch.bfloat16)
+            h1, h2 = d(ids, mask=m1), d(ids, mask=m2)
+    real = am.bool()
+    changed = (h1[real] != h2[real]).float().mean().item()
+    assert changed > 0.05, f"{impl}/{how}: a 1e-4 change of the soft weights changed {changed:.1%} of the outputs"
+    if impl == "sdpa":  # the soft mask reached SDPA in fp32, with fp32 q, k, v
+        assert len(seen) == 2 * LAYERS
+        assert all(dt == torch.float32 and m.dtype == torch.float32 for dt, m in seen)
+        assert not torch.equal(seen[0][1], seen[LAYERS][1])
+    # a 0 / finfo.min mask holds in bf16 and keeps the bf16 path (what the fp32 path costs is paid by soft masks only)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        d.float()(ids, mask=causal4d(am))
+    assert len(seen) == (LAYERS if impl == "sdpa" else 0) and all(m.dtype == torch.bfloat16 for _, m in seen)
+
+
 def test_callable_mask_sees_block_inputs():
     d = tiny()
     ids, am = batch()

@@ -15,6 +15,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4", "--tiny-kv-heads", "2",
         "--tiny-vocab", "400", "--tiny-steps", "4", "--tiny-batch", "8", "--max-len", "96", "--answer-max-len", "24"]
+NO_PREAMBLE = ["--preamble", ""]  # a 400-token BPE spells the opening sentence in ~140 tokens: no room at --max-len 96
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def workdir(tmp_path_factory):
     """Synthetic users and a small decoder built by train.py's own causal-LM objective (shared by the tests)."""
     root = tmp_path_factory.mktemp("train")
     train_path, probe_path = data.write_synthetic(str(root / "data"), 48, 160, seed=3)
-    args = train.get_args(["--data", train_path] + TINY)
+    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
     records, report = data.load_records(train_path, require=("answer",))
     model_dir = train.build_tiny_decoder(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
     return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
@@ -51,7 +52,7 @@ def max_diff(a, b):
 
 def common(w, out, *extra):
     return ["--model", w["model"], "--data", w["train"], "--no-probe", "--out", out, "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", *extra]
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", "--preamble", "", *extra]
 
 
 @pytest.mark.parametrize("mask, micro, extra", [("ggsm", 4, ["--no-standardize"]), ("hybrid_mlp", 2, ["--no-standardize"]),
@@ -98,7 +99,7 @@ def test_resume_matches_uninterrupted(workdir):
 
 def test_causal_lm_builder_lowers_loss_and_loads(workdir, tmp_path):
     args = train.get_args(["--data", workdir["train"]] + TINY[:-6] + ["--tiny-steps", "30", "--max-len", "96",
-                                                                        "--answer-max-len", "24"])
+                                                                        "--answer-max-len", "24"] + NO_PREAMBLE)
     records, report = data.load_records(workdir["train"], require=("answer",))
     out = train.build_tiny_decoder(args, records, report, str(tmp_path / "lm"), torch.device("cpu"), lambda m: None)
     with open(os.path.join(out, "pretrain.json")) as f:
@@ -106,7 +107,7 @@ def test_causal_lm_builder_lowers_loss_and_loads(workdir, tmp_path):
     assert stats["last_loss"] < stats["first_loss"] - 0.5, stats  # nats per token, far beyond batch noise
     import model
     dec = model.Decoder.from_pretrained(out)
-    tpl = data.Template(os.path.join(out, "tokenizer.json"), report.modalities, report.vector_dims, max_len=96)
+    tpl = data.Template(os.path.join(out, "tokenizer.json"), report.modalities, report.vector_dims, max_len=96, preamble="")
     ids = torch.tensor([tpl.encode_user(records[0])["input_ids"]])
     assert ids.max() < dec.config.vocab_size  # the template's special tokens are in the built vocabulary
     assert torch.isfinite(dec.logits(dec(input_ids=ids))).all()
@@ -116,7 +117,8 @@ def test_default_job_in_miniature(tmp_path):
     """`python train.py` with reduced sizes: builds data and decoder, trains GG-SM, probes all nine tasks."""
     out = tmp_path / "run"
     result = train.main(["--cache", str(tmp_path / "cache"), "--out", str(out), "--synthetic-train", "64",
-                         "--synthetic-probe", "240", "--steps", "3", "--batch-size", "16", "--micro-batch", "8"] + TINY)
+                         "--synthetic-probe", "240", "--steps", "3", "--batch-size", "16", "--micro-batch", "8"] + TINY
+                        + ["--max-len", "256"])  # the default template, the opening sentence included
     with open(out / "probe.json") as f:
         pj = json.load(f)
     assert set(pj["tasks"]) == set(data.TASKS)
@@ -127,6 +129,8 @@ def test_default_job_in_miniature(tmp_path):
     assert 0 < pj["delta"]["se"] < 0.2 and 0 < pj["mean_auc_se"] < 0.2 and 0 < pj["oracle"]["mean_auc_se"] < 0.2
     for name in ("args.json", "metrics.jsonl", "checkpoint/trainable.safetensors", "checkpoint/state.json"):
         assert (out / name).exists(), name
+    with open(out / "checkpoint" / "state.json") as f:
+        assert json.load(f)["spec"]["preamble"] == data.PREAMBLE
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -215,7 +219,7 @@ def test_probe_cli_export_then_reprobe(workdir, tmp_path):
     import probe
     emb = str(tmp_path / "emb.safetensors")
     first = probe.main(["--model", workdir["model"], "--data", workdir["probe"], "--out", str(tmp_path / "a.json"),
-                        "--export", emb, "--max-len", "96"])
+                        "--export", emb, "--max-len", "96"] + NO_PREAMBLE)
     again = probe.main(["--embeddings", emb, "--data", workdir["probe"], "--out", str(tmp_path / "b.json")])
     assert first["mask"] == "oracle" and again["mask"] == "oracle"
     assert set(first["tasks"]) == set(data.TASKS)
@@ -240,7 +244,7 @@ class HeadFuture(ggsm.Strategy):
         super().__init__(**settings)
         self.module = nn.ParameterDict({"logit": nn.Parameter(torch.full((self.n_layers, self.n_heads), -2.944))})
 
-    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user"):
+    def train_mask(self, step, attention_mask, dtype=torch.float32, tower="user", history=None):
         bi = ggsm.bidirectional_mask(attention_mask)                           # (B, 1, L, L)
         future = ggsm.causal_mask(attention_mask) < bi                         # (B, 1, L, L): j > i, real key
 
@@ -249,8 +253,8 @@ class HeadFuture(ggsm.Strategy):
             return (bi + future * log_w).to(dtype)                             # (B, heads, L, L)
         return mask
 
-    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user"):
-        return self.train_mask(self.total_steps, attention_mask, dtype, tower)
+    def inference_mask(self, attention_mask, dtype=torch.float32, tower="user", history=None):
+        return self.train_mask(self.total_steps, attention_mask, dtype, tower, history)
 
     def state_dict(self):
         return {"logit": self.module["logit"].detach().clone()}
@@ -267,7 +271,7 @@ def test_a_strategy_defined_here_trains_resumes_and_probes(workdir, monkeypatch)
     out = str(workdir["root"] / "head-future")
     argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
             "--mask", "head_future", "--steps", "4", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"]
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"] + NO_PREAMBLE
     assert train.main(argv + ["--halt-after", "2"]) is None
     with open(os.path.join(out, "checkpoint", "state.json")) as f:
         assert json.load(f)["step"] == 2
@@ -319,3 +323,44 @@ def test_causal_lm_builder_chunks_change_nothing_but_padding(workdir, tmp_path):
     assert built[1][0]["first_loss"] == pytest.approx(built[4][0]["first_loss"], abs=1e-5)
     assert built[1][0]["last_loss"] == pytest.approx(built[4][0]["last_loss"], abs=1e-5)
     assert max_diff(built[1][1], built[4][1]) < 1e-5
+
+
+def test_event_form_trains_resumes_and_probes(workdir):
+    """--event-modalities: one position per event of those modalities (the frozen base embeddings pooled over the
+    event's tokens, then the modality adapter); trains, resumes and probes; probe.py rebuilds the same template.
+    The spliced vector of an event is adapter(mean of the frozen rows of its tokens), checked by hand."""
+    import model
+    import probe
+    out = str(workdir["root"] / "events")
+    argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
+            "--event-modalities", "bill,search", "--steps", "3", "--batch-size", "8", "--micro-batch", "4",
+            "--log-every", "1", "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"] + NO_PREAMBLE
+    assert train.main(argv + ["--halt-after", "1"]) is None
+    result = train.main(["--out", out, "--resume"])
+    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+        spec = probe.RunSpec.from_dict(json.load(f)["spec"])
+    assert spec.event_modalities == ["bill", "search"]
+    sd = load_file(os.path.join(out, "checkpoint", "trainable.safetensors"))
+    assert {"encoder.adapters.bill.fc1.weight", "encoder.adapters.search.fc1.weight"} <= set(sd)
+    again = probe.main(["--checkpoint", os.path.join(out, "checkpoint"), "--data", workdir["probe"]])
+    assert again["tasks"] == result["tasks"]
+    # the rebuilt template: bill and search events are single positions whose vectors are the frozen token means
+    encoder, template, _ = probe.build_encoder(spec)
+    rec = data.load_records(workdir["probe"], require=("labels",))[0][0]
+    text = data.Template(os.path.join(workdir["model"], "tokenizer.json"), template.modalities, {"tabular": 8},
+                         max_len=10_000, preamble="")
+    enc_ev, enc_txt = template.encode_user(rec), text.encode_user(rec)
+    bills = [e["text"] for e in sorted((e for e in rec["events"] if e["modality"] == "bill"), key=lambda e: e["time"])]
+    W = encoder.decoder.model.embed_tokens.weight.detach().float()
+    keep = len(enc_ev["vectors"]["bill"])  # the most recent bill events that fit in --max-len
+    for b, v in zip(bills[-keep:], enc_ev["vectors"]["bill"]):
+        ids = text.tokenizer.encode(data.event_piece(b), add_special_tokens=False).ids
+        assert torch.allclose(torch.as_tensor(v), W[ids].mean(0), atol=1e-6)
+    assert len(enc_ev["input_ids"]) < len(enc_txt["input_ids"])
+    # and the encoder splices adapter(vector) at those positions
+    batch = data.collate([data.UserDataset([rec], template, with_answer=False)[0]])
+    x = encoder.embed(batch.user.input_ids, batch.user.vectors, batch.user.vector_pos)
+    col = enc_ev["vector_pos"]["bill"][0]
+    with torch.no_grad():
+        want = encoder.adapters["bill"](torch.as_tensor(enc_ev["vectors"]["bill"][0])[None])[0]
+    assert torch.allclose(x[0, col], want, atol=1e-6)
