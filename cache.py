@@ -7,11 +7,14 @@ every later run, every rank of a torchrun job and the probe memory-map instead o
 
 Why: data.UserDataset keeps every record as Python dicts and encodes them one user at a time (about 100 s and
 2-3 GB per 100,000 users, repeated by every rank and every run). Here one pass validates the file line by line
-(data.iter_records: the same checks and file:line errors), keeps the events as flat arrays, tokenizes each distinct
-event text, query and answer once with the tokenizer's batch API, then applies the template (block order, the
+(data.parse_line + data.validate_record: the checks and file:line errors of data.iter_records; one process per CPU
+on a large file, each on its own byte range), keeps the events as flat arrays, tokenizes each distinct event text,
+query and answer once with the tokenizer's batch API, then applies the template (preamble, block order, the
 oldest-first truncation to max_len, tags, <VEC> placeholders, <USER>, answer + EOS) with vectorised numpy over a
-chunk of users at a time. A reader touches only the rows of the users it asks for, so a rank's memory does not
-grow with the number of users beyond the pages of the memory map it reads.
+chunk of users at a time. This restates data.Template.encode_user; every build re-encodes a few users with
+data.Template and stops if they differ (check_against_template). A reader touches only the rows of the users it
+asks for, so a rank's private memory does not grow with the number of users (the pages of the memory map it reads
+are page cache, shared by the ranks). Modalities in event form (Template.event_modalities) are not cached.
 
 The folder's name carries a hash of its key: the file's SHA-256, the validation options and the caller's
 encoding settings (tokenizer, template options). meta.json holds the key in full and the template's fingerprint;
@@ -427,8 +430,8 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         a_flat, a_off = _tokenize(template, answers, lambda j: f"{where(first_user(c.answer, j))}: answer {answers[j]!r}",
                                   add=[template.eos_id], keep=template.max_answer_len - 1)
     t_len, q_len = np.diff(t_off), np.diff(q_off)
-    # one source array for the gather that assembles the sequences: text ids, suffix ids, then the single tokens
-    # the head of every sequence: <GLOBAL> (hybrid_gq) then the preamble, never cut
+    # one source array for the gather that assembles the sequences: text ids, suffix ids, the head of every
+    # sequence (<GLOBAL> for hybrid_gq, then the preamble; never cut), then the single tokens
     head_ids = ([template.global_id] if template.global_token else []) + list(template.preamble_ids)
     S0 = len(t_flat) + len(q_flat)
     single = head_ids + [template.vec_id] + [template.open_id[m] for m in template.modalities] \

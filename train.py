@@ -10,6 +10,10 @@ One optimizer step (train_step):
     through one shared LoRA backbone -> embeddings gathered across ranks -> InfoNCE (Eq. 6-8) -> backward
     -> GG-SM importance from the user tower's dL/dh (all-reduced) -> clip -> AdamW; then logs and checkpoint.
 
+The data: --data is validated and tokenized once into an encoded cache (cache.py; by default in an `encoded` folder
+beside the file) that every later run and every rank memory-maps, reading only its own micro-batches; rank 0 builds
+it while the others wait. --data-cache off reads and encodes the file in memory instead (the same batches).
+
 `--model tiny` first trains a small decoder with a causal-LM objective on the users' histories and queries (a `tokenizers`
 BPE tokenizer plus a Qwen2-layout decoder saved as config.json + model.safetensors + tokenizer.json), so the
 contrastive stage starts, like the paper's, from a causally pretrained decoder loaded through the same
