@@ -208,9 +208,7 @@ def main(argv=None):
     extra = args.train_args.split() if args.train_args else []
     size = ["--synthetic-train", "64", "--synthetic-probe", "300", "--tiny-hidden", "32", "--tiny-layers", "2",
             "--tiny-heads", "4", "--tiny-kv-heads", "2", "--tiny-vocab", "400", "--tiny-steps", "5",
-            "--max-len", "96", "--answer-max-len", "24", "--batch-size", "16", "--micro-batch", "16",
-            # a 400-token BPE spells the template's opening sentence in ~140 tokens, more than this budget
-            "--preamble", ""] if args.quick else []
+            "--max-len", "96", "--answer-max-len", "24", "--batch-size", "16", "--micro-batch", "16"] if args.quick else []
     steps = args.steps or (4 if args.quick else None)
     targs = train.get_args(size + extra + (["--steps", str(steps)] if steps else []))
 

@@ -927,7 +927,7 @@ def main(argv=None):
     se.add_argument("--data", required=True, help="training JSONL with answers (e.g. cache/synthetic-*/train.jsonl)")
     se.add_argument("--max-len", type=int, default=256, help="user-side token budget (train.py's default)")
     se.add_argument("--batch", type=int, default=32, help="users per step (train.py's default)")
-    se.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence ('' for none)")
+    se.add_argument("--preamble", default="", type=data.preamble_text, help="the template's opening sentence: 'paper', any text, or '' (none)")
     se.add_argument("--reps", type=int, default=5, help="timed steps per form (after one warm-up)")
     se.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     se.add_argument("--seed", type=int, default=0)

@@ -54,41 +54,53 @@ NAMED_MASKS = {  # name -> (builder, what it means); every rule also blocks padd
 def mask_rule(strategy, max_len):
     """-> (name, table or None): the strategy's user-side inference mask as one of NAMED_MASKS, or else as a
     table `bias` (max_len, max_len) whose top-left (L, L) corner, with padded keys blocked, is the mask of a
-    batch padded to L. The rule is checked against the strategy on a right-padded batch of several lengths;
-    a mask it cannot express (a per-layer mask computed from hidden states, such as hybrid_mlp's, or one
-    mask per head) is an error: transformers takes one (B, 1, L, L) mask for every layer."""
+    batch padded to L ("table"); for a hybrid restricted to the user-history segment, the table applies to
+    future keys only where query and key both lie in the row's segment, the rest is causal
+    ("table_in_history"). The rule is checked against the strategy on a right-padded batch of several
+    lengths; a mask it cannot express (a per-layer mask computed from hidden states, such as hybrid_mlp's,
+    or one mask per head) is an error: transformers takes one (B, 1, L, L) mask for every layer."""
     name = type(strategy).__name__
+    in_history = getattr(strategy, "segment", "all") == "history"
     full = torch.ones(1, max_len, dtype=torch.long)
-    m = strategy.inference_mask(full, torch.float32, tower="user")
+    whole = torch.tensor([[0, max_len]])  # the table: as if every position were history
+    m = strategy.inference_mask(full, torch.float32, tower="user", history=whole)
     if callable(m):
         raise ValueError(f"{name}: the inference mask is computed in every layer from that layer's hidden states; "
                          "transformers takes one fixed (B, 1, L, L) mask, so this encoder cannot be exported")
     if m.shape[1] != 1:
         raise ValueError(f"{name}: the inference mask differs between heads ({tuple(m.shape)}); transformers "
                          "takes one (B, 1, L, L) mask")
-    kind, table = "table", m[0, 0].clone()
+    kind, table = ("table_in_history" if in_history else "table"), m[0, 0].clone()
     for key, (build, _) in NAMED_MASKS.items():
         if torch.equal(m, build(full, torch.float32)):
             kind, table = key, None
             break
-    # the rule must hold on padded batches too: rows of lengths max_len, a third and 1 in one batch
+    # the rule must hold on padded batches too: rows of lengths max_len, a third and 1 in one batch, each with
+    # a history segment that leaves positions out at both ends where it can
     lengths = torch.tensor([max_len, max(1, max_len // 3), 1])
     am = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
-    want = strategy.inference_mask(am, torch.float32, tower="user")
-    got = apply_mask_rule(kind, table, am)
+    history = torch.stack([(lengths > 2).long(), (lengths - 1).clamp(min=1)], 1)  # (3, 2) [start, end)
+    want = strategy.inference_mask(am, torch.float32, tower="user", history=history)
+    got = apply_mask_rule(kind, table, am, history=history)
     if callable(want) or want.shape != got.shape or not torch.allclose(want, got, rtol=0, atol=1e-6):
         raise ValueError(f"{name}: the inference mask of a padded batch is not the unpadded one with padded keys "
                          "blocked; it cannot be written as one table")
     return kind, table
 
 
-def apply_mask_rule(kind, table, attention_mask, dtype=torch.float32):
-    """The (B, 1, L, L) additive mask of a right-padded batch from mask_rule's output (as user_encoder.json says)."""
+def apply_mask_rule(kind, table, attention_mask, dtype=torch.float32, history=None):
+    """The (B, 1, L, L) additive mask of a right-padded batch from mask_rule's output (as user_encoder.json says);
+    history: (B, 2) [start, end) of each row's user-history segment (data.Side.history), for "table_in_history"."""
     if kind in NAMED_MASKS:
         return NAMED_MASKS[kind][0](attention_mask, dtype)
     L = attention_mask.shape[1]
     blocked = torch.finfo(dtype).min
     bias = table[:L, :L].to(dtype)[None, None]                          # (1, 1, L, L)
+    if kind == "table_in_history":
+        seg = ggsm.history_segment(history, L)                          # (B, L) bool
+        i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+        opened = (j <= i) | (seg[:, :, None] & seg[:, None, :])         # (B, L, L)
+        bias = torch.where(opened[:, None], bias, blocked)              # (B, 1, L, L)
     return torch.where(attention_mask[:, None, None, :].bool(), bias, blocked).clamp(min=blocked)  # (B, 1, L, L)
 
 
@@ -115,6 +127,9 @@ def describe(encoder, template, spec, kind, loading):
     else:
         mask = f"table: bias[i, j] = mask.bias[i, j] (user_encoder.safetensors) for a batch padded to L <= " \
                f"{spec.max_len}, taking mask.bias[:L, :L]; {blocked}"
+        if kind == "table_in_history":
+            mask += ("; and blocked where j > i unless query i and key j both lie in the row's user-history "
+                     "segment: from the first block's opening tag to the last block's closing tag, inclusive")
     vectors = {}
     for m, f in spec.vector_dims.items():
         hidden = encoder.adapters[m].fc1.out_features

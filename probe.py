@@ -523,7 +523,7 @@ class RunSpec:
     projector: list = None           # dims after the hidden size, or None
     standardize: bool = False        # model.UserEncoder per-tower standardisation
     event_modalities: list = field(default_factory=list)  # modalities in the event-level form (data.Template)
-    preamble: str = data.PREAMBLE    # the template's opening sentence (App. A.1); "" for none
+    preamble: str = ""               # the template's opening sentence (e.g. data.PREAMBLE, App. A.1); "" for none
 
     def to_dict(self):
         return asdict(self)
@@ -776,7 +776,7 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
-    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence for --model ('' for none)")
+    p.add_argument("--preamble", default="", type=data.preamble_text, help="the template's opening sentence for --model: 'paper', any text, or '' (none)")
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")

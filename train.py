@@ -72,7 +72,7 @@ def get_args(argv=None):
     # model
     # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
-    p.add_argument("--preamble", default=data.PREAMBLE, help="the template's opening sentence (App. A.1; default: the paper's); '' for none")
+    p.add_argument("--preamble", default="", type=data.preamble_text, help="the template's opening sentence: 'paper' (App. A.1), any text, or '' for none (the default: see data.PREAMBLE)")
     p.add_argument("--event-modalities", default="", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; default none")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype on load")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (paper: 64)")

@@ -92,7 +92,7 @@ def test_synthetic_users_and_chunks(tmp_path):
     train_path, _ = data.write_synthetic(str(tmp_path / "syn"), 60, 10, seed=1)
     records, report = data.load_records(train_path, require=("answer",))
     tk = data.train_tokenizer(data.record_texts(records), vocab_size=400)
-    tpl = data.Template(tk, report.modalities, report.vector_dims, max_len=200, max_answer_len=24)  # the paper's preamble
+    tpl = data.Template(tk, report.modalities, report.vector_dims, max_len=100, max_answer_len=24)
     key = {"format": cache.FORMAT, "test": "chunks"}
     folder = cache.build(train_path, str(tmp_path / "c"), key, lambda r: tpl, require=("answer",), chunk=7)
     assert_same_examples(data.UserDataset(records, tpl), cache.EncodedDataset(folder, tpl))

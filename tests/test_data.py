@@ -44,8 +44,7 @@ def tok():
 
 
 def template(tok, modalities=("bill", "search", "tabular"), **kw):
-    """Without the opening sentence unless asked (the tests below spell sequences out; test_preamble checks it)."""
-    return data.Template(copy.deepcopy(tok), list(modalities), {"tabular": 3}, **{"preamble": "", **kw})
+    return data.Template(copy.deepcopy(tok), list(modalities), {"tabular": 3}, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -196,14 +195,14 @@ def test_round_trip_tags_order_and_user_index(tok, tmp_path):
     enc = t.encode_user(REC)
     ids = enc["input_ids"]
     # blocks in paper order, only modalities present (no <app>), events oldest first inside a block
-    want = (data.PREAMBLE + "<bill> grocery 30; cinema 45; metro 4;</bill><search> weather today;</search>"
-            "<tabular><VEC></tabular> Instruction: what next<USER>")  # the paper's opening sentence by default
+    want = ("<bill> grocery 30; cinema 45; metro 4;</bill><search> weather today;</search>"
+            "<tabular><VEC></tabular> Instruction: what next<USER>")  # no opening sentence by default
     assert t.tokenizer.decode(ids, skip_special_tokens=False) == want
     assert enc["user_index"] == len(ids) - 1 and ids[-1] == t.user_id == t.tokenizer.token_to_id("<USER>")
     assert enc["n_cut"] == 0
     # the user-history segment: the blocks, from <bill> to </tabular>; the instruction, query and <USER> follow it
     start, end = enc["history"]
-    assert t.tokenizer.decode(ids[start:end], skip_special_tokens=False) == want.split(" Instruction:")[0][len(data.PREAMBLE):]
+    assert t.tokenizer.decode(ids[start:end], skip_special_tokens=False) == want.split(" Instruction:")[0]
     assert t.tokenizer.decode(ids[end:], skip_special_tokens=False) == " Instruction: what next<USER>"
     assert t.special_tokens == ["<bill>", "</bill>", "<app>", "</app>", "<search>", "</search>",
                                 "<tabular>", "</tabular>", "<VEC>", "<USER>"]
@@ -220,7 +219,7 @@ def test_tokenizer_padding_and_truncation_settings_ignored(tok):
     odd = copy.deepcopy(tok)
     odd.enable_padding(length=40)
     odd.enable_truncation(max_length=2)
-    t1 = data.Template(odd, ["bill", "search", "tabular"], {"tabular": 3})
+    t1 = data.Template(odd, ["bill", "search", "tabular"], {"tabular": 3}, preamble=data.PREAMBLE)
     assert t1.encode_user(REC) == t0.encode_user(REC)
 
 
@@ -234,7 +233,8 @@ def test_other_modalities_sorted_after_paper_order(tok):
 
 
 def test_preamble(tok):
-    """App. A.1's opening sentence: first (after <GLOBAL>), never cut, outside the history segment; "" drops it."""
+    """App. A.1's opening sentence, when asked: first (after <GLOBAL>), never cut, outside the history segment;
+    none by default."""
     rec = {"query": "what next", "events": [{"modality": "bill", "time": i, "text": "metro 4"} for i in range(6)]}
     plain = template(tok).encode_user(rec)
     pre_ids = template(tok).tokenizer.encode(data.PREAMBLE, add_special_tokens=False).ids
@@ -247,8 +247,10 @@ def test_preamble(tok):
     assert cut["input_ids"][:len(pre_ids)] == pre_ids and cut["n_cut"] > 0
     with pytest.raises(ValueError, match="and the preamble, more than max_len"):
         template(tok, preamble=data.PREAMBLE, max_len=len(pre_ids)).encode_user(rec)
-    texts = list(data.record_texts([rec]))
-    assert texts[0] == data.PREAMBLE and data.PREAMBLE not in data.record_texts([rec], preamble="")
+    assert template(tok, preamble="").encode_user(rec) == plain
+    texts = list(data.record_texts([rec], preamble=data.PREAMBLE))
+    assert texts[0] == data.PREAMBLE and data.PREAMBLE not in data.record_texts([rec])
+    assert data.preamble_text("paper") == data.PREAMBLE and data.preamble_text("Users:") == "Users:"
 
 
 def test_global_token_and_default_query(tok):

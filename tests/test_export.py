@@ -123,13 +123,21 @@ def test_encode_errors_name_the_place(runs, tmp_path):
 # the recipe of user_encoder.json, written here from its words (not with export.py's helpers)
 
 
-def mask_from_description(desc, head, am):
-    """(B, 1, L, L) additive mask from user_encoder.json's rule."""
+def mask_from_description(desc, head, am, history=None):
+    """(B, 1, L, L) additive mask from user_encoder.json's rule; history: (B, 2) [start, end) of each row's
+    user-history segment (for "table_in_history")."""
     kind, L = desc["attention_mask"]["kind"], am.shape[1]
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
     real_key = am[:, None, None, :].bool()
-    if kind == "table":
-        bias = head["mask.bias"][:L, :L][None, None]
+    if kind in ("table", "table_in_history"):
+        bias = head["mask.bias"][:L, :L][None, None].expand(len(am), 1, L, L)
+        if kind == "table_in_history":  # a naive loop over the rows' segments
+            bias = bias.clone()
+            for b, (start, end) in enumerate(history.tolist()):
+                for q in range(L):
+                    for k in range(q + 1, L):
+                        if not (start <= q < end and start <= k < end):
+                            bias[b, 0, q, k] = torch.finfo(torch.float32).min
         return torch.where(real_key, bias, torch.finfo(torch.float32).min)
     allowed = {"causal": j <= i, "bidirectional": torch.ones(L, L, dtype=torch.bool),
                "global_query": (j <= i) | (i == 0)}[kind]
@@ -173,7 +181,7 @@ def our_side(ckpt, records):
     encoder.eval()
     ds = data.UserDataset(records, template, with_answer=False)
     side = data.collate([ds[i] for i in range(len(ds))]).user
-    mask = strategy.inference_mask(side.attention_mask, torch.float32)
+    mask = strategy.inference_mask(side.attention_mask, torch.float32, history=side.history)
     with torch.no_grad():
         hidden = encoder.decoder(inputs_embeds=encoder.embed(side.input_ids, side.vectors, side.vector_pos), mask=mask)
         emb = encoder(side.input_ids, side.attention_mask, side.pool_index, mask=mask, vectors=side.vectors,
@@ -222,7 +230,7 @@ def test_peft_adapter_gives_our_hidden_states(runs, which, tmp_path):
     pm = peft.PeftModel.from_pretrained(base, out).eval()
     head = load_file(os.path.join(out, "user_encoder.safetensors"))
     am = side.attention_mask
-    mask = mask_from_description(desc, head, am)
+    mask = mask_from_description(desc, head, am, side.history)
     with torch.no_grad():
         x = splice_vectors(desc, head, pm.get_input_embeddings()(side.input_ids), side)
         theirs = pm(inputs_embeds=x, attention_mask=mask).last_hidden_state
@@ -253,11 +261,12 @@ def test_mask_rules_of_every_strategy():
                 export.mask_rule(s, 12)
             continue
         kind, table = export.mask_rule(s, 12)
-        expect = {"causal": "causal", "hybrid_gq": "global_query", "hybrid_mask": "table"}.get(name, "bidirectional")
+        expect = {"causal": "causal", "hybrid_gq": "global_query", "hybrid_mask": "table_in_history"}.get(name, "bidirectional")
         assert kind == expect, (name, kind)
         head = {} if table is None else {"mask.bias": table}
-        got = mask_from_description({"attention_mask": {"kind": kind}}, head, am)
-        want = s.inference_mask(am, torch.float32)
+        history = torch.tensor([[2, 10], [1, 5], [0, 1]])
+        got = mask_from_description({"attention_mask": {"kind": kind}}, head, am, history)
+        want = s.inference_mask(am, torch.float32, history=history)
         assert torch.allclose(got, want, rtol=0, atol=1e-6), name
 
 
@@ -306,7 +315,8 @@ def test_merged_folder_loads_alike_in_transformers_and_here(runs, which, tmp_pat
         desc = json.load(f)
     with torch.no_grad():
         x = splice_vectors(desc, head, hf.get_input_embeddings()(side.input_ids), side)
-        merged_h = hf(inputs_embeds=x, attention_mask=mask_from_description(desc, head, side.attention_mask)).last_hidden_state
+        merged_h = hf(inputs_embeds=x, attention_mask=mask_from_description(desc, head, side.attention_mask,
+                                                                          side.history)).last_hidden_state
     d = on_tokens(merged_h, enc_h, side.attention_mask)
     assert d <= TOL, f"{which}: merged folder vs the trained encoder: max |diff| {d:.2e}"
     d = (embedding_from_description(desc, head, merged_h, side) - enc_e).abs().max().item()

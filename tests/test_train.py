@@ -118,7 +118,7 @@ def test_default_job_in_miniature(tmp_path):
     out = tmp_path / "run"
     result = train.main(["--cache", str(tmp_path / "cache"), "--out", str(out), "--synthetic-train", "64",
                          "--synthetic-probe", "240", "--steps", "3", "--batch-size", "16", "--micro-batch", "8"] + TINY
-                        + ["--max-len", "256"])  # the default template, the opening sentence included
+                        + ["--max-len", "256", "--preamble", "paper"])  # the paper's template, its opening sentence included
     with open(out / "probe.json") as f:
         pj = json.load(f)
     assert set(pj["tasks"]) == set(data.TASKS)
