@@ -108,6 +108,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="users per rank per forward; batch-size = micro * accumulation * world size")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
+    p.add_argument("--new-lr-mult", type=float, default=5.0, help="learning-rate multiplier for what is trained from scratch (new token rows, modality adapters, projector, the strategy's module); LoRA gets --lr")
     p.add_argument("--lr-warmup", type=int, default=10, help="linear LR warm-up steps, then cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="global grad-norm clip after accumulation (0 = off)")
@@ -180,6 +181,15 @@ def length_chunks(idx, lengths, chunks):
 def micro_batch(dataset, idx, chunks, device):
     """The users idx as length_chunks, each collated (padded to its own longest)."""
     return [data.collate([dataset[i] for i in part]).to(device) for part in length_chunks(idx, dataset.lengths, chunks)]
+
+
+def make_optimizer(named, args):
+    """AdamW with two groups: the LoRA factors at --lr, and what starts from scratch (new token rows, modality
+    adapters, projector, the strategy's module) at --lr x --new-lr-mult; each group's "lr_mult" scales lr_at."""
+    lora = [p for n, p in named if "lora_" in n]
+    new = [p for n, p in named if "lora_" not in n]
+    groups = [{"params": ps, "lr_mult": m} for ps, m in ((lora, 1.0), (new, args.new_lr_mult)) if ps]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def lr_at(step, args):
@@ -679,7 +689,7 @@ def main(argv=None):
     # LoRA froze the base inside build_encoder; only now wrap in DDP (DDP registers trainable params only)
     towers = DualTower(encoder, strategy.module).to(device).train()  # from_pretrained returns eval mode
     named = [(n, p) for n, p in towers.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(named, args)
     if resume:
         start = restore(resume, towers, strategy, opt, named, rank, world, device)
         log(f"resumed from {resume['path']} at step {start}")
@@ -702,7 +712,7 @@ def main(argv=None):
     for step in range(start, args.steps):
         lr = lr_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_mult"]
         batches = [micro_batch(train_set, micro_indices(n_users, step, args.batch_size, args.micro_batch, world, rank, m,
                                                         args.seed), args.chunks, device) for m in range(accum)]
         diagnose = partial(ggsm.batch_diagnostics, margin=args.margin) if is_log_step(args, step) else None  # an SVD
