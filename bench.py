@@ -4,6 +4,7 @@ Benchmarks (not tests): each section is a subcommand that prints a markdown tabl
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
     python bench.py events --model DIR --data train.jsonl [--max-len 256 --batch 32 --reps 5]
     python bench.py train|embed|ggsm|softmask|scaling|padding|all [--quick] [--gpu-size] [--reps N] [--out bench.json]
+    python bench.py data [--users 10000,100000] [--ranks 2] [--steps 20] [--old-upto 10000] [--out bench_data.json]
 
 probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
 LogisticRegression(solver="lbfgs") at the same C on the same standardised features (synthetic
@@ -61,6 +62,17 @@ resident set (/proc/self/clear_refs), runs two steps and reads VmHWM: "step peak
 resident set after loading (the memory a step adds on top of the weights). The load average is reported:
 other work on the machine slows both sides alike but widens the spread.
 
+data: the encoded cache (cache.py) as the number of users grows. For each N, N synthetic users are written once
+(data.write_synthetic; not timed) and a byte-level BPE of 1,024 tokens (as train.py --model tiny trains) encodes
+them with train.py's defaults (max_len 256, answers 48). Measured, each in a fresh spawned process: the cache build
+(train.ensure_train_cache: file hash, validation line by line, tokenization, writing) with its peak RSS; then
+--ranks gloo ranks run train.py's data path: rank 0 checks the cache (hashing the file), the others wait for its
+folder, every rank memory-maps it and materialises its own micro-batches (train.micro_indices + micro_batch) for
+--steps optimizer steps of 64 users. "start-up" is the time from process start (after imports) to the first
+step's micro-batches; peak RSS is VmHWM (it counts the pages of the memory map a rank touched), also given above
+the rank's resident set after imports; "growth per 10x users" is the difference of peak RSS per decade of users.
+Up to --old-upto users the in-memory path (data.load_records + data.UserDataset, as --data-cache off) is timed too.
+
 Targets (measured, not asserted): train >= 1.0x transformers+peft tokens/s and <= 1.0x peak memory;
 GG-SM overhead <= 5%; embed >= 1.0x users/s.
 
@@ -70,9 +82,11 @@ scikit-learn, transformers and peft are dev requirements (requirements-dev.txt),
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -83,6 +97,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cache
 import data
 import ggsm
 import model
@@ -703,6 +718,139 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     return result
 
 
+# -----------------------------------------------------------------------------
+# data: the encoded cache (cache.py) at growing numbers of users
+
+def _data_args(cache_dir):
+    """train.py's arguments as far as the data path reads them (its defaults: max_len 256, answer 48, GG-SM)."""
+    return train.get_args(["--data-cache", cache_dir, "--batch-size", "64", "--micro-batch", "32"])
+
+
+def _data_build_child(job, queue):
+    """A fresh process: build (or find) the cache through train.ensure_train_cache as rank 0 of one; time, peak RSS
+    (of this process; the validation workers it starts for a large file have their own)."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    args = _data_args(job["cache_dir"])
+    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], False, True, lambda m: None)
+    queue.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _status_mb("VmHWM"), "folder": folder})
+
+
+def _data_old_child(job):
+    """A fresh process: the in-memory path (data.load_records + data.UserDataset), as --data-cache off."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    records, report = data.load_records(job["path"], require=("answer",))
+    t1 = time.perf_counter()
+    args = _data_args(job["cache_dir"])
+    data.UserDataset(records, train.train_template(args, job["model_dir"], report))
+    t2 = time.perf_counter()
+    return {"load_s": t1 - t0, "encode_s": t2 - t1, "seconds": t2 - t0, "peak_rss_mb": _status_mb("VmHWM")}
+
+
+def _data_rank(rank, job, queue):
+    """One gloo rank of a 2-rank job reading the cache as train.py does: rank 0 checks the cache (file hash), the
+    others wait for its folder; each opens the memory maps and materialises its own micro-batches for `steps`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["ranks"]), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(job["port"]))
+    torch.set_num_threads(1)
+    rss0 = _status_mb("VmRSS")  # the interpreter with torch, numpy, tokenizers imported
+    t0 = time.perf_counter()
+    ddp, rank, world, device = train.setup_dist()
+    args = _data_args(job["cache_dir"])
+    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], ddp, rank == 0, lambda m: None)
+    ds = cache.EncodedDataset(folder, train.train_template(args, job["model_dir"], report))
+    accum = args.batch_size // (args.micro_batch * world)
+    first, anon = None, _status_mb("RssAnon")
+    for step in range(job["steps"]):
+        for m in range(accum):
+            idx = train.micro_indices(len(ds), step, args.batch_size, args.micro_batch, world, rank, m, args.seed)
+            train.micro_batch(ds, idx, args.chunks, device)
+        if first is None:
+            first = time.perf_counter() - t0
+        anon = max(anon, _status_mb("RssAnon"))  # private memory, sampled after every step
+    total = time.perf_counter() - t0
+    # VmHWM also counts the pages of the memory map this rank touched (RssFile): page cache, shared by the ranks
+    # and reclaimable; a random micro-batch maps whole pages (and the kernel maps neighbouring cached pages too)
+    queue.put({"rank": rank, "startup_s": first, "steps_s": total - first, "rss_start_mb": rss0,
+               "peak_rss_mb": _status_mb("VmHWM"), "peak_above_start_mb": _status_mb("VmHWM") - rss0,
+               "private_mb": anon, "mapped_cache_mb": _status_mb("RssFile")})
+    train.shutdown(ddp)
+
+
+def bench_data(args):
+    """For each number of users: write the synthetic users once, build the cache (fresh process), then a 2-rank gloo
+    job reads it as train.py does; optionally the in-memory path for comparison."""
+    work = args.workdir
+    os.makedirs(work, exist_ok=True)
+    sizes = [int(x) for x in args.users.split(",")]
+    model_dir = os.path.join(work, "tokenizer")  # a folder with tokenizer.json, as a model folder has
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        seed_dir = os.path.join(work, "users-2000")
+        path, _ = data.write_synthetic(seed_dir, 2000, 0, seed=args.seed)
+        records, _ = data.load_records(path, require=("answer",))
+        tok = data.train_tokenizer(data.record_texts(records, answers=False), 1024)  # as train.py --model tiny
+        os.makedirs(model_dir, exist_ok=True)
+        tok.save(os.path.join(model_dir, "tokenizer.json"))
+    mp = multiprocessing.get_context("spawn")
+    rows = []
+    for n in sizes:
+        users = os.path.join(work, f"users-{n}")
+        path = os.path.join(users, "train.jsonl")
+        if not os.path.isfile(path):
+            print(f"writing {n} synthetic users to {users} (not timed)", flush=True)
+            data.write_synthetic(users, n, 0, seed=args.seed)
+        cache_dir = os.path.join(work, "encoded")
+        job = {"path": path, "model_dir": model_dir, "cache_dir": cache_dir, "steps": args.steps, "ranks": args.ranks}
+        row = {"users": n, "file_mb": os.path.getsize(path) / 2 ** 20}
+        if n <= args.old_upto:
+            with mp.Pool(1) as p:
+                row["in_memory"] = p.apply(_data_old_child, (job,))
+        # a fresh build each time: this size's caches live in their own folder, removed first
+        key_dir = os.path.join(cache_dir, f"users-{n}")
+        job["cache_dir"] = key_dir
+        shutil.rmtree(key_dir, ignore_errors=True)
+        queue = mp.Queue()  # a plain process, not a Pool's daemon: the build may start its own workers
+        proc = mp.Process(target=_data_build_child, args=(job, queue))
+        proc.start()
+        row["build"] = queue.get(timeout=3600)
+        proc.join()
+        row["cache_mb"] = sum(os.path.getsize(os.path.join(row["build"]["folder"], f))
+                              for f in os.listdir(row["build"]["folder"])) / 2 ** 20
+        queue = mp.Queue()
+        job["port"] = 29500 + (os.getpid() + n) % 1000
+        procs = [mp.Process(target=_data_rank, args=(r, job, queue)) for r in range(args.ranks)]
+        for proc in procs:
+            proc.start()
+        ranks = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+        for proc in procs:
+            proc.join()
+        row["ranks"] = ranks
+        rows.append(row)
+        print(f"{n} users: build {row['build']['seconds']:.1f} s, start-up {max(r['startup_s'] for r in ranks):.2f} s, "
+              f"peak RSS per rank {max(r['peak_rss_mb'] for r in ranks):.0f} MiB", flush=True)
+    for a, b in zip(rows, rows[1:]):
+        decades = math.log10(b["users"] / a["users"])
+        for key, name in (("peak_rss_mb", "rss_growth_per_10x_mb"), ("private_mb", "private_growth_per_10x_mb")):
+            b[name] = (max(r[key] for r in b["ranks"]) - max(r[key] for r in a["ranks"])) / decades
+    print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work slows every number)")
+    print("| users | file | in-memory path (load + encode), peak RSS | cache build, peak RSS | cache size | "
+          f"start-up from the cache | peak RSS per rank ({args.ranks} gloo ranks) | of it private | of it file-backed "
+          "(libraries, cache pages) | growth per 10x users: peak / private |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        old = r.get("in_memory")
+        old_s = f"{old['seconds']:.1f} s ({old['load_s']:.1f} + {old['encode_s']:.1f}), {old['peak_rss_mb']:.0f} MiB" \
+            if old else "not run"
+        top = lambda key: max(x[key] for x in r["ranks"])  # noqa: E731
+        grow = f"{r['rss_growth_per_10x_mb']:+.0f} / {r['private_growth_per_10x_mb']:+.0f} MiB" \
+            if "rss_growth_per_10x_mb" in r else "—"
+        print(f"| {r['users']:,} | {r['file_mb']:.0f} MB | {old_s} | {r['build']['seconds']:.1f} s, "
+              f"{r['build']['peak_rss_mb']:.0f} MiB | {r['cache_mb']:.0f} MB | {top('startup_s'):.2f} s | "
+              f"{top('peak_rss_mb'):.0f} MiB | {top('private_mb'):.0f} MiB | {top('mapped_cache_mb'):.0f} MiB | {grow} |")
+    return {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "steps": args.steps}
+
+
 def bench_events(args):
     """Text form against the event-level form on a data set: user sequence lengths (every user of the file) and the
     time of train.train_step (GG-SM warm-up, LoRA, both towers, train.py's defaults otherwise) on the same batches,
@@ -805,8 +953,17 @@ def main(argv=None):
              "all": "every section above, one table"}
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)
+    # --- data: the encoded cache at growing numbers of users
+    sd = sections.add_parser("data", help="encoded cache: build time, start-up and peak RSS per rank as users grow")
+    sd.add_argument("--users", default="10000,100000", help="comma-separated numbers of synthetic users (1000000 when asked)")
+    sd.add_argument("--ranks", type=int, default=2, help="gloo ranks reading the cache")
+    sd.add_argument("--steps", type=int, default=20, help="optimizer steps of micro-batches each rank materialises")
+    sd.add_argument("--old-upto", type=int, default=10000, help="also time the in-memory path up to this many users")
+    sd.add_argument("--workdir", default="cache/bench-data", help="synthetic users, tokenizer and caches (reused)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = {"probe": bench_probe, "events": bench_events}.get(args.section, bench_models)(args)
+    result = {"probe": bench_probe, "events": bench_events, "data": bench_data}.get(args.section, bench_models)(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

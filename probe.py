@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import cache
 import data
 import ggsm
 import model
@@ -603,7 +604,11 @@ def load_checkpoint(checkpoint_dir, device="cpu"):
 def embed_records(encoder, template, strategy, records, device, batch_size=64):
     """Embeddings (N, E) of records in file order, under the strategy's inference mask. Users are batched
     by length (less padding); the result does not depend on the batching (tests/test_probe.py)."""
-    ds = data.UserDataset(records, template, with_answer=False)
+    return embed_dataset(encoder, data.UserDataset(records, template, with_answer=False), strategy, device, batch_size)
+
+
+def embed_dataset(encoder, ds, strategy, device, batch_size=64):
+    """embed_records on an encoded dataset (data.UserDataset, or cache.EncodedDataset read from a cache folder)."""
     order = np.argsort(ds.lengths, kind="stable")
     batches = [data.collate([ds[int(j)] for j in order[i:i + batch_size]]) for i in range(0, len(ds), batch_size)]
     emb = embed_users(encoder, batches, strategy.inference_mask, device)
@@ -712,21 +717,46 @@ def oracle_spec(spec):
                    answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
 
 
+def cached_probe_set(data_path, cache_root, template, skip_bad=False):
+    """The labelled users of data_path as a cache.EncodedDataset under cache_root (encoded once per template)."""
+    fingerprint = cache.template_fingerprint(template)
+    folder = cache.ensure(data_path, cache_root, {"template": fingerprint}, lambda report: template, require=("labels",),
+                          skip_bad=skip_bad, with_answer=False, log=lambda m: print(m, file=sys.stderr))
+    return cache.EncodedDataset(folder, template)
+
+
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
-        batch_size=64, export=None, seed=0, baseline_spec=None):
+        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
     baseline_spec (e.g. oracle_spec(run's spec)), that untrained encoder is probed on the same users too,
-    as the "oracle" row with the paired difference."""
-    records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
-    if report.n_bad:
-        print(report, file=sys.stderr)
+    as the "oracle" row with the paired difference. cache_root: read the users from an encoded cache there
+    (cache.py; built on first use) instead of encoding the file in memory; the embeddings are the same."""
+    if cache_root is None or template.event_modalities:  # the cache holds the text form only
+        records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+        if report.n_bad:
+            print(report, file=sys.stderr)
+        embed = lambda e, t, s: embed_records(e, t, s, records, device, batch_size)  # noqa: E731
+    else:
+        sets = {}  # one cache per template (the Oracle's may differ: no <GLOBAL>)
+
+        def dataset(t):
+            if id(t) not in sets:
+                sets[id(t)] = cached_probe_set(data_path, cache_root, t, skip_bad)
+            return sets[id(t)]
+        embed = lambda e, t, s: embed_dataset(e, dataset(t), s, device, batch_size)  # noqa: E731
+        records = dataset(template).records()  # user ids and labels only: what report_probe reads
+        report = cache.read_report(dataset(template).folder)
+        if report.n_bad:
+            print(report, file=sys.stderr)
     baseline = None
     if baseline_spec is not None:
         torch.manual_seed(seed)  # the untrained adapters' init, as probe.py --model --seed
         b_encoder, b_template, b_strategy = build_encoder(baseline_spec, device)
-        baseline = ("oracle", embed_records(b_encoder, b_template, b_strategy, records, device, batch_size))
-    return probe_records(encoder, template, strategy, records, device, name, checkpoint, out, export, batch_size, seed,
-                         baseline)
+        baseline = ("oracle", embed(b_encoder, b_template, b_strategy))
+    emb = embed(encoder, template, strategy)
+    if export:
+        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
+    return report_probe(emb, records, name, out, checkpoint, seed, baseline)
 
 
 def main(argv=None):
@@ -750,6 +780,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
+    p.add_argument("--data-cache", default=None, metavar="DIR|off",
+                   help="where --data is tokenized once and memory-mapped by later runs (cache.py); default: an "
+                        "'encoded' folder beside it; 'off': read and encode it in memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     if args.export_peft or args.export_merged:
@@ -771,10 +804,13 @@ def main(argv=None):
         sys.exit("error: --data is required (labelled JSONL), unless only exporting with --export-peft / --export-merged")
     if not os.path.isfile(args.data):
         sys.exit(f"error: --data {args.data}: no such file")
-    try:
-        records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    cached = args.data_cache != "off" and not args.embeddings
+    root = os.path.join(os.path.dirname(os.path.abspath(args.data)), "encoded") if args.data_cache is None else args.data_cache
+    if not cached:
+        try:
+            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     if args.embeddings:
         emb, ids, meta = load_embeddings(args.embeddings)
         pos = {u: i for i, u in enumerate(ids)}
@@ -785,6 +821,7 @@ def main(argv=None):
         return report_probe(emb, records, args.name or meta.get("mask", "embeddings"), args.out, meta.get("checkpoint"),
                             args.seed, test_frac=args.test_frac)
     torch.manual_seed(args.seed)
+    folder = None
     if args.checkpoint:
         if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
             sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
@@ -794,13 +831,45 @@ def main(argv=None):
     else:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             sys.exit(f"error: --model {args.model}: no config.json")
+        if cached:  # the template's modalities are the file's: the cache's validation pass finds them
+            tok_path = os.path.join(args.model, "tokenizer.json")
+            settings = {"tokenizer_sha256": cache.file_sha256(tok_path), "max_len": args.max_len, "modalities": "the file's",
+                        "preamble": args.preamble}
+            make = lambda rep: data.Template(tok_path, rep.modalities, rep.vector_dims, max_len=args.max_len,  # noqa: E731
+                                             max_answer_len=RunSpec.answer_max_len, preamble=args.preamble)  # = build_encoder's, checked below
+            try:
+                folder = cache.ensure(args.data, root, settings, make, require=("labels",), skip_bad=args.skip_bad,
+                                      with_answer=False, log=lambda m: print(m, file=sys.stderr))
+            except ValueError as e:
+                sys.exit(f"error: {e}")
+            report = cache.read_report(folder)
         # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
         spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
                        preamble=args.preamble)
         encoder, template, strategy = build_encoder(spec, args.device)
         name = args.name or "oracle"
-    return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
-                         args.export, args.batch_size, args.seed, test_frac=args.test_frac)
+    if cached and template.event_modalities:  # the cache holds the text form only (a checkpoint in event form)
+        print("--data-cache: the encoded cache holds the text form only; reading the data in memory", file=sys.stderr)
+        cached = False
+        try:
+            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    if not cached:
+        return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
+                             args.export, args.batch_size, args.seed, test_frac=args.test_frac)
+    try:
+        ds = cache.EncodedDataset(folder, template) if folder else cached_probe_set(args.data, root, template, args.skip_bad)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    rep = cache.read_report(ds.folder)
+    if rep.n_bad:  # said while building; said again when the cache is reused
+        print(f"warning: {rep}", file=sys.stderr)
+    records = ds.records()  # user ids and labels: what report_probe reads
+    emb = embed_dataset(encoder, ds, strategy, args.device, args.batch_size)
+    if args.export:
+        save_embeddings(args.export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": args.checkpoint})
+    return report_probe(emb, records, name, args.out, args.checkpoint, args.seed, test_frac=args.test_frac)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ One optimizer step (train_step):
     through one shared LoRA backbone -> embeddings gathered across ranks -> InfoNCE (Eq. 6-8) -> backward
     -> GG-SM importance from the user tower's dL/dh (all-reduced) -> clip -> AdamW; then logs and checkpoint.
 
+The data: --data is validated and tokenized once into an encoded cache (cache.py; by default in an `encoded` folder
+beside the file) that every later run and every rank memory-maps, reading only its own micro-batches; rank 0 builds
+it while the others wait. --data-cache off reads and encodes the file in memory instead (the same batches).
+
 `--model tiny` first trains a small decoder with a causal-LM objective on the users' histories and queries (a `tokenizers`
 BPE tokenizer plus a Qwen2-layout decoder saved as config.json + model.safetensors + tokenizer.json), so the
 contrastive stage starts, like the paper's, from a causally pretrained decoder loaded through the same
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cache
 import data
 import ggsm
 import model
@@ -61,6 +66,9 @@ def get_args(argv=None):
     p.add_argument("--answer-max-len", type=int, default=48, help="answer-side token budget")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported) instead of failing")
     p.add_argument("--cache", default="cache", help="folder for the synthetic data and small decoders built on demand")
+    p.add_argument("--data-cache", default=None, metavar="DIR|off",
+                   help="where --data and --probe-data are tokenized once and memory-mapped by every later run and rank "
+                        "(cache.py); default: an 'encoded' folder beside each file; 'off': read and encode them in memory")
     # model
     # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     p.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
@@ -482,9 +490,8 @@ def check_args(args, world):
     return args.batch_size // (args.micro_batch * world)
 
 
-def prepare_data(args, ddp, master, log):
-    """-> (training records, their LoadReport, train path, probe path). The embedded benchmark is written once
-    by rank 0 into the cache."""
+def prepare_paths(args, ddp, master, log):
+    """-> (train path, probe path). The embedded benchmark is written once by rank 0 into the cache."""
     train_path, probe_path = args.data, args.probe_data
     if train_path is None:
         syn_dir = os.path.join(args.cache, f"synthetic-{args.synthetic_train}-{args.synthetic_probe}-seed{args.data_seed}")
@@ -495,20 +502,71 @@ def prepare_data(args, ddp, master, log):
             dist.barrier()
         train_path = os.path.join(syn_dir, "train.jsonl")
         probe_path = probe_path or os.path.join(syn_dir, "probe.jsonl")
+    return train_path, probe_path
+
+
+def load_train_records(args, train_path, log):
+    """-> (training records, their LoadReport): the whole file in memory (--data-cache off, and the small decoder's build)."""
     try:
         records, report = data.load_records(train_path, skip_bad=args.skip_bad, require=("answer",))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if report.n_bad:
         log(str(report))
+    return records, report
+
+
+def check_event_modalities(args, report):
     unknown = [m for m in getattr(args, "event_modalities", "").split(",") if m and m not in report.modalities]
     if unknown:
         sys.exit(f"error: --event-modalities {','.join(unknown)}: not among the data's modalities {report.modalities}")
-    return records, report, train_path, probe_path
 
 
-def prepare_model(args, records, report, train_path, ddp, master, device, log):
-    """-> the base model folder: --model, or the small decoder built (once, by rank 0) from the training data."""
+# -----------------------------------------------------------------------------
+# the encoded cache (cache.py): rank 0 builds it, every rank memory-maps it and reads only its own users
+
+def data_cache_root(args, path):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "encoded") if args.data_cache is None else args.data_cache
+
+
+def train_template(args, model_dir, report):
+    """The template probe.build_encoder makes for a run of these arguments on a file with this report."""
+    return data.Template(os.path.join(model_dir, "tokenizer.json"), report.modalities, report.vector_dims,
+                         max_len=args.max_len, global_token=ggsm.STRATEGIES[args.mask].global_token,
+                         max_answer_len=args.answer_max_len, preamble=getattr(args, "preamble", ""))
+
+
+def ensure_train_cache(args, train_path, model_dir, ddp, master, log):
+    """-> (the encoded cache folder of the training file, its LoadReport). Rank 0 builds it when missing; the
+    others wait for its folder name (an error on rank 0 stops every rank with the same message)."""
+    result = None
+    if master:
+        # what decides the encoding besides the file: the tokenizer's bytes and the template's options
+        settings = {"tokenizer_sha256": cache.file_sha256(os.path.join(model_dir, "tokenizer.json")),
+                    "max_len": args.max_len, "answer_max_len": args.answer_max_len,
+                    "global_token": ggsm.STRATEGIES[args.mask].global_token, "modalities": "the file's",
+                    "preamble": getattr(args, "preamble", "")}
+        try:
+            result = ("ok", cache.ensure(train_path, data_cache_root(args, train_path), settings,
+                                         partial(train_template, args, model_dir), require=("answer",),
+                                         skip_bad=args.skip_bad, with_answer=True, log=log))
+        except ValueError as e:
+            result = ("error", str(e))
+    if ddp:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)  # also the barrier: the folder is complete when its name arrives
+        result = box[0]
+    if result[0] == "error":
+        sys.exit(f"error: {result[1]}")
+    report = cache.read_report(result[1])
+    if report.n_bad:
+        log(str(report))
+    return result[1], report
+
+
+def prepare_model(args, load_records, train_path, ddp, master, device, log):
+    """-> the base model folder: --model, or the small decoder built (once, by rank 0) from the training data.
+    load_records() -> (records, report) is called only when the decoder has to be built."""
     if args.model != "tiny":
         return args.model
     # cached by everything that shapes it: the data file's bytes and the --tiny-* / length / seed flags
@@ -519,7 +577,7 @@ def prepare_model(args, records, report, train_path, ddp, master, device, log):
     model_dir = os.path.join(args.cache, "tiny-" + hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12])
     if master and not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         log(f"building the small decoder in {model_dir} (causal-LM objective on {train_path})")
-        build_tiny_decoder(args, records, report, model_dir, device, log)
+        build_tiny_decoder(args, *load_records(), model_dir, device, log)
     if ddp:
         dist.barrier()
     return model_dir
@@ -599,14 +657,32 @@ def main(argv=None):
     master = rank == 0
     log = (lambda msg: print(msg, flush=True)) if master else (lambda msg: None)
     accum = check_args(args, world)
-    records, report, train_path, probe_path = prepare_data(args, ddp, master, log)
-    model_dir = prepare_model(args, records, report, train_path, ddp, master, device, log)
+    train_path, probe_path = prepare_paths(args, ddp, master, log)
+    cached = args.data_cache != "off"
+    if cached and getattr(args, "event_modalities", ""):
+        # the cache holds token ids; the event form turns texts into vectors of the base model's embeddings
+        log("--event-modalities: the encoded cache holds the text form only; reading the data in memory")
+        cached = False
+    loaded = {}  # the records, read at most once: for the small decoder's build and/or the in-memory path
+
+    def load():
+        if not loaded:
+            loaded["r"] = load_train_records(args, train_path, log)
+        return loaded["r"]
+
+    model_dir = prepare_model(args, load, train_path, ddp, master, device, log)
+    if cached:
+        loaded.clear()  # the decoder is built: the records are not needed any more
+        folder, report = ensure_train_cache(args, train_path, model_dir, ddp, master, log)
+    else:
+        records, report = load()
+    check_event_modalities(args, report)
     spec = resume["spec"] if resume else make_spec(args, model_dir, report)
 
     torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank
     encoder, template, strategy = probe.build_encoder(spec, device)
     encoder.decoder.gradient_checkpointing = args.grad_ckpt
-    train_set = data.UserDataset(records, template)
+    train_set = cache.EncodedDataset(folder, template) if cached else data.UserDataset(records, template)
     n_users = len(train_set)
     if n_users < args.batch_size:
         sys.exit(f"error: {train_path}: {n_users} users, fewer than one global batch of {args.batch_size}")
@@ -662,7 +738,8 @@ def main(argv=None):
         model.merge_lora(towers.encoder)  # training is over (the checkpoint is written): embed without the LoRA branch
         result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
                            checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
-                           skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else probe.oracle_spec(spec))
+                           skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else probe.oracle_spec(spec),
+                           cache_root=data_cache_root(args, probe_path) if cached else None)
     shutdown(ddp)
     return result
 
