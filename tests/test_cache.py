@@ -18,7 +18,7 @@ import cache
 import data
 import train
 from test_data import CORPUS, GOOD, write_lines
-from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run
+from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run, workdir  # noqa: F401 (workdir: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +188,6 @@ def test_reader_holds_no_users_in_memory(tok, tmp_path):
 
 # -----------------------------------------------------------------------------
 # train.py and the probe: the cache path gives the numbers of the in-memory path
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cachetrain")
-    train_path, probe_path = data.write_synthetic(str(root / "data"), 48, 160, seed=3)
-    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
-    records, report = data.load_records(train_path, require=("answer",))
-    model_dir = train.build_tiny_decoder(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
-    return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
 
 
 SHORT = ["--preamble", "User data:"]  # an opening sentence that fits --max-len 96 with the small BPE
