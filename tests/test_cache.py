@@ -18,7 +18,7 @@ import cache
 import data
 import train
 from test_data import CORPUS, GOOD, write_lines
-from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run, workdir  # noqa: F401 (workdir: a fixture)
+from test_train import common, losses, max_diff, run, workdir  # noqa: F401 (workdir: a fixture)
 
 
 @pytest.fixture(scope="module")
