@@ -28,6 +28,8 @@ import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import pack
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -223,7 +225,7 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, nh, L, hd); cos/sin: (L, hd) already cast to x.dtype
+    # x: (B, nh, L, hd); cos/sin: (L, hd) or (B, 1, L, hd), already cast to x.dtype
     return x * cos + rotate_half(x) * sin
 
 
@@ -262,10 +264,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, L, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA: query head h reads KV head h // (nh // nkv), so repeat each KV head in place
-        k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
-        v = v.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # k, v stay (B, nkv, L, hd): _attend groups them
         if impl not in ("sdpa", "manual"):
             raise ValueError(f"Attention: attn_impl must be 'sdpa' or 'manual', got {impl!r}")
         dt = compute_dtype(q)  # what attention runs in: under autocast the autocast dtype, else q's
@@ -291,10 +290,20 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+# torch >= 2.5: SDPA groups the query heads over the KV heads itself (enable_gqa), without copying K and V
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
 def _attend(q, k, v, mask, hd, impl):
-    """softmax(q k^T / sqrt(hd) + mask) v; q, k, v (B, nh, L, hd), mask broadcastable to (B, nh, L, L)."""
+    """softmax(q k^T / sqrt(hd) + mask) v; q (B, nh, L, hd), k, v (B, nkv, L, hd), mask broadcastable to
+    (B, nh, L, L). Query head h reads KV head h // (nh // nkv)."""
+    groups = q.shape[1] // k.shape[1]
+    if impl == "sdpa" and SDPA_GQA and groups > 1:  # never with is_causal: the mask says it all
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    # GQA spelled out: repeat each KV head for its group of query heads, (B, nkv, L, hd) -> (B, nh, L, hd)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # never with is_causal: the mask says it all
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # manual: the readable spec; also where attention weights could be read off
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, nh, L, L)
     att = torch.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
@@ -368,12 +377,14 @@ class Decoder(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids=None, mask=None, inputs_embeds=None, return_layer=None):
+    def forward(self, input_ids=None, mask=None, inputs_embeds=None, return_layer=None, position_ids=None):
         """
         input_ids (B, L) long, or inputs_embeds (B, L, D). mask: an additive float tensor broadcastable to
         (B, nh, L, L) (convention in Attention), or a callable mask(layer_idx, h) -> tensor evaluated on the
-        hidden state entering each block, or None = causal. Returns the final normed hidden (B, L, D); with
-        return_layer=k returns (hidden, h_k), h_k the tensor entering block k (k = n_layers: hidden itself).
+        hidden state entering each block, or None = causal. position_ids (B, L) long: the RoPE position of
+        each slot (packed rows restart at 0 for each user, pack.py); None = 0..L-1 in every row. Returns the
+        final normed hidden (B, L, D); with return_layer=k returns (hidden, h_k), h_k the tensor entering
+        block k (k = n_layers: hidden itself).
         """
         cfg, emb = self.config, self.model.embed_tokens
         if (input_ids is None) == (inputs_embeds is None):
@@ -393,9 +404,19 @@ class Decoder(nn.Module):
             raise ValueError(f"Decoder.forward: sequence length {L} exceeds the model's sliding_window "
                              f"{cfg.sliding_window}; sliding-window attention is not implemented")
         dtype = h.dtype
-        # cos/sin computed in fp32, cast to the compute dtype at the end (as HF does); positions 0..L-1
-        freqs = torch.arange(L, device=h.device, dtype=torch.float32)[:, None] * rope_inv_freq(cfg, h.device)
-        freqs = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+        # cos/sin computed in fp32, cast to the compute dtype at the end (as HF does)
+        if position_ids is None:
+            pos = torch.arange(L, device=h.device, dtype=torch.float32)  # (L,)
+        else:
+            if position_ids.shape != (B, L):
+                raise ValueError(f"Decoder.forward: position_ids shape {tuple(position_ids.shape)} is not (B, L) = "
+                                 f"{(B, L)}")
+            if mask is None:
+                raise ValueError("Decoder.forward: with position_ids, pass the mask (a packed row needs its "
+                                 "block-diagonal mask; the default causal mask would cross users)")
+            pos = position_ids.to(h.device, torch.float32)[:, None]  # (B, 1, L): broadcasts over the heads
+        freqs = pos[..., None] * rope_inv_freq(cfg, h.device)
+        freqs = torch.cat((freqs, freqs), dim=-1)  # (L, hd), or (B, 1, L, hd) with position_ids
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         if mask is None:
             mask = torch.full((L, L), torch.finfo(dtype).min, device=h.device).triu(1)[None, None]  # (1,1,L,L) causal
@@ -673,6 +694,7 @@ class UserEncoder(nn.Module):
         if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
             raise ValueError(f"UserEncoder: special_token_ids must be distinct non-negative ids, got {ids}")
         self.decoder, self.pooling = decoder, pooling
+        self.pack = True  # forward without a packing runs its users packed into shared rows (pack.py): same numbers
         decoder.model.embed_tokens.weight.requires_grad_(False)  # the base rows stay as pretrained
         W = decoder.model.embed_tokens.weight.detach()
         V, D = W.shape
@@ -730,12 +752,27 @@ class UserEncoder(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask, pool_index, mask=None, vectors=None, vector_pos=None,
-                return_layer=None, tower="user", finish=True):
+                return_layer=None, tower="user", finish=True, packing=None):
         """-> (B, E) embeddings (and h_k at return_layer). finish=False stops before finish(): the trainer
-        gathers the pooled states of every rank first, so the standardisation sees the global batch."""
-        x = self.embed(input_ids, vectors, vector_pos)
-        out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer)  # Eq. 11: H = M(x)
+        gathers the pooled states of every rank first, so the standardisation sees the global batch.
+        packing: a pack.Packing of attention_mask; False: padded rows; None: packed when self.pack and no
+        return_layer. Packed, the decoder runs on shared rows, the mask (a tensor or a per-layer callable of the
+        unpacked batch) made block-diagonal; the result is the unpacked one up to round-off, but h_k comes back
+        PACKED, (R, Lp, D): the tensor the graph used, whose .grad the caller unpacks with its Packing."""
+        if packing is None:  # with return_layer, no Packing would reach the caller to unpack h_k's gradient
+            packing = self.pack and return_layer is None and pack.Packing(attention_mask)
+        x = self.embed(input_ids, vectors, vector_pos)  # (B, L, D)
+        position_ids = None
+        if packing:
+            if mask is None:  # the decoder's default, causal, made explicit: a packed row needs its blocks
+                L = x.shape[1]
+                mask = torch.full((L, L), torch.finfo(torch.float32).min, device=x.device).triu(1)[None, None]
+            mask = packing.layer_mask(mask) if callable(mask) else packing.mask(mask)
+            x, position_ids = packing.pack(x), packing.position_ids  # (R, Lp, D), (R, Lp)
+        out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer, position_ids=position_ids)  # Eq. 11
         hidden, h_k = out if return_layer is not None else (out, None)
+        if packing:
+            hidden = packing.unpack(hidden)  # (B, L, D)
         # pooling, projector and normalisation in fp32, whatever the decoder's dtype
         if self.pooling == "token":  # Eq. 12: u = h_{t_USER} for users; the answer side pools its EOS (App. A.3)
             e = hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_index].float()  # (B, D)

@@ -45,6 +45,7 @@ import cache
 import data
 import ggsm
 import model
+import pack
 import probe
 
 # a run warns that it collapses when a batch's user embeddings have an effective rank below COLLAPSE_RANK or a
@@ -84,8 +85,10 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the users of each chunk packed into shared rows (block-diagonal masks, RoPE restarting per user; pack.py): the same numbers, no padding; also the probe's embeddings")
     # official code [micro-batches]: every sequence padded to 512; --chunks 1 pads a micro-batch to its longest
-    p.add_argument("--chunks", type=int, default=4, help="each micro-batch runs as this many length-sorted chunks, each padded to its own longest (less padding, the same loss)")
+    p.add_argument("--chunks", type=int, default=None, help="each micro-batch runs as this many length-sorted chunks, each padded (or packed) on its own (less padding, the same loss); default 1 with --pack, which leaves no padding to cut, 4 without")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
     p.add_argument("--tiny-layers", type=int, default=4, help="decoder blocks")
@@ -206,23 +209,25 @@ def lr_at(step, args):
 class DualTower(nn.Module):
     def __init__(self, encoder, mask_module):
         super().__init__()
-        self.encoder = encoder
+        self.encoder = encoder  # encoder.pack: run each side's users packed into shared rows (pack.py)
         self.mask_module = mask_module  # the strategy's trainable module (hybrid_mlp's MLPs), else None
 
     def forward(self, chunks, user_masks, answer_masks, capture_layer=None):
         """chunks: the parts of one micro-batch (data.Batch each, padded to its own longest), with their masks.
         -> pooled (projected) states of both towers, rows in chunk order, before encoder.finish; and per chunk
-        the user tower's h at capture_layer (None when not captured)."""
+        (h, packing): the user tower's h at capture_layer (None when not captured), packed when packing is
+        not None."""
         us, as_, hs = [], [], []
         for chunk, user_mask, answer_mask in zip(chunks, user_masks, answer_masks):
             user, answer = chunk.user, chunk.answer
+            packing = pack.Packing(user.attention_mask) if self.encoder.pack else False
             out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask, vectors=user.vectors,
-                               vector_pos=user.vector_pos, return_layer=capture_layer, finish=False)
+                               vector_pos=user.vector_pos, return_layer=capture_layer, finish=False, packing=packing)
             u, h = out if capture_layer is not None else (out, None)
             if h is not None:
                 h.retain_grad()  # GG-SM reads dL/dh_j of the user tower after backward (Eq. 5)
             us.append(u)
-            hs.append(h)
+            hs.append((h, packing))
             as_.append(self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask,
                                     finish=False))
         return torch.cat(us), torch.cat(as_), hs
@@ -278,9 +283,10 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
                 diag.append(diagnose(ug, ag))
             # x world: DDP averages gradients over ranks, each holding only its own rows' share of dL
             (loss * world / n).backward()
-        for h, c in zip(hs, chunks):
+        for (h, packing), c in zip(hs, chunks):
             if h is not None and h.grad is not None:
-                strategy.accumulate(h.grad.float() * n / world, c.user.attention_mask)  # back to dL/dh of the step's loss
+                g = packing.unpack(h.grad) if packing else h.grad  # (B, L, D): position j of each user
+                strategy.accumulate(g.float() * n / world, c.user.attention_mask)  # back to dL/dh of the step's loss
         loss_sum += loss.item() / n
         tokens += sum(int(c.user.attention_mask.sum() + c.answer.attention_mask.sum()) for c in chunks)
     out = {"loss": loss_sum, "grad_norm": float("nan"), "tokens": tokens,
@@ -460,7 +466,7 @@ def parse_run(argv=None):
     if ckpt is None:
         sys.exit(f"error: --resume: no checkpoint in {args.out}")
     with open(os.path.join(args.out, "args.json")) as f:
-        saved = json.load(f)
+        saved = {**vars(get_args([])), **json.load(f)}  # a flag newer than the run: its default
     saved.update(resume=True, halt_after=args.halt_after, no_probe=args.no_probe, no_oracle=args.no_oracle, out=args.out)
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
@@ -476,6 +482,8 @@ def check_args(args, world):
     """Fail on bad arguments before any work; -> micro-steps per optimizer step."""
     if args.batch_size % (args.micro_batch * world):
         sys.exit(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x world size {world}")
+    if args.chunks is None:
+        args.chunks = 1 if args.pack else 4
     if args.chunks < 1:
         sys.exit(f"error: --chunks {args.chunks}: must be >= 1")
     if args.capture_layer not in ("last-block", "final") and not args.capture_layer.isdigit():
@@ -682,6 +690,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank
     encoder, template, strategy = probe.build_encoder(spec, device)
     encoder.decoder.gradient_checkpointing = args.grad_ckpt
+    encoder.pack = args.pack
     train_set = cache.EncodedDataset(folder, template) if cached else data.UserDataset(records, template)
     n_users = len(train_set)
     if n_users < args.batch_size:

@@ -201,7 +201,7 @@ def test_fully_masked_rows_are_finite(dtype, impl, monkeypatch):
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask: seen.append(attn_mask) or sdpa(q, k, v, attn_mask=attn_mask))
+                        lambda q, k, v, attn_mask, **kw: seen.append(attn_mask) or sdpa(q, k, v, attn_mask=attn_mask, **kw))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         h = d.float()(ids, mask=row_block)
     assert torch.isfinite(h).all(), f"{impl}: non-finite output under autocast"
@@ -239,7 +239,7 @@ def test_soft_mask_survives_bf16(impl, how, monkeypatch):
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask: seen.append((q.dtype, attn_mask)) or sdpa(q, k, v, attn_mask=attn_mask))
+                        lambda q, k, v, attn_mask, **kw: seen.append((q.dtype, attn_mask)) or sdpa(q, k, v, attn_mask=attn_mask, **kw))
     with torch.no_grad():
         if how == "autocast":  # the CUDA recipe: fp32 weights, bf16 autocast
             with torch.autocast("cpu", dtype=torch.bfloat16):
