@@ -101,6 +101,7 @@ import cache
 import data
 import ggsm
 import model
+import pack
 import probe
 import train
 
@@ -213,6 +214,12 @@ WORK = {
     "ggsm": (dict(B=8, L=256, A=32), dict(B=4, L=32, A=8)),
     "scaling": (dict(lengths=(128, 256, 512, 1024), tokens=2048, A=32), dict(lengths=(16, 32, 64), tokens=128, A=8)),
     "padding": (dict(users=64, B=16, pad_to=512), dict(users=32, B=8, pad_to=128)),
+    # the workloads a user runs: B users per step drawn from a length distribution, a new batch each repetition
+    # embedded: the embedded synthetic benchmark's users as train.py encodes them (max_len 256, answers 48)
+    "embedded": (dict(B=8, users=400, max_len=256, answer_max_len=48), dict(B=4, users=48, max_len=64, answer_max_len=16)),
+    # paperlike: long-tailed histories up to the paper's 1,024 tokens: lognormal around a median, clipped
+    "paperlike": (dict(B=8, median=200, sigma=0.9, min=16, max=1024, A=(16, 64)),
+                  dict(B=4, median=24, sigma=0.9, min=4, max=128, A=(4, 16))),
 }
 TAU, MARGIN = 0.05, 0.1  # train.py's defaults
 LORA_B_STD = 0.02  # B random and small: the adapters change the function, so LoRA gradients are not trivial
@@ -246,8 +253,12 @@ def load_ours(ckpt, r, alpha, device, seed=0):
                 m.lora_B.normal_(0.0, LORA_B_STD)
     dec.train()
 
-    def hidden(ids, mask, return_layer=None):
-        return dec(input_ids=ids, mask=mask, return_layer=return_layer)
+    def hidden(ids, mask, return_layer=None, am=None):
+        """am given: the users packed into shared rows (pack.py), the hidden states returned unpacked."""
+        if am is None:
+            return dec(input_ids=ids, mask=mask, return_layer=return_layer)
+        p = pack.Packing(am)
+        return p.unpack(dec(input_ids=p.pack(ids), mask=p.mask(mask), position_ids=p.position_ids))
 
     return Contender("ours", dec, hidden)
 
@@ -274,7 +285,9 @@ def load_theirs(ckpt, r, alpha, device, lora_from=None):
     pm.train()
     base = pm.base_model.model.model  # Qwen2Model: hidden states after the final norm, no lm_head
 
-    def hidden(ids, mask, return_layer=None):
+    def hidden(ids, mask, return_layer=None, am=None):
+        if am is not None:
+            raise ValueError("load_theirs: packed rows are not available on the transformers side")
         if return_layer is not None:
             raise ValueError("load_theirs: return_layer is not available on the transformers side")
         # use_cache=False: training needs no KV cache (the default would build one every forward)
@@ -321,21 +334,23 @@ def pool(hidden, idx):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()  # (B, D) fp32, as UserEncoder
 
 
-def contrastive_loss(c, batch, mask_dtype, autocast):
-    """Both towers through the one LoRA backbone, then InfoNCE (Eq. 6-8), as train.py's step."""
+def contrastive_loss(c, batch, mask_dtype, autocast, packed=False):
+    """Both towers through the one LoRA backbone, then InfoNCE (Eq. 6-8), as train.py's step. packed: ours with
+    each side's users packed into shared rows."""
     u_side, a_side = batch["user"], batch["answer"]
     with autocast:
-        hu = c.hidden(u_side["ids"], soft_mask(u_side["am"], mask_dtype))
-        ha = c.hidden(a_side["ids"], soft_mask(a_side["am"], mask_dtype))
+        hu = c.hidden(u_side["ids"], soft_mask(u_side["am"], mask_dtype), am=u_side["am"] if packed else None)
+        ha = c.hidden(a_side["ids"], soft_mask(a_side["am"], mask_dtype), am=a_side["am"] if packed else None)
     return ggsm.info_nce(pool(hu, u_side["pool"]), pool(ha, a_side["pool"]), TAU, MARGIN)
 
 
-def make_train_step(c, batch, mask_dtype, autocast):
+def make_train_step(c, batch, mask_dtype, autocast, packed=False):
+    """-> step(b=batch): one contrastive step (forward, backward, clip, AdamW) on b."""
     params = [p for p in c.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
 
-    def step():
-        loss = contrastive_loss(c, batch, mask_dtype, autocast)
+    def step(b=batch):
+        loss = contrastive_loss(c, b, mask_dtype, autocast, packed)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -345,12 +360,12 @@ def make_train_step(c, batch, mask_dtype, autocast):
     return step
 
 
-def make_embed_step(c, batch, mask_dtype, autocast):
-    side = batch["user"]
-
-    def step():
+def make_embed_step(c, batch, mask_dtype, autocast, packed=False):
+    """-> step(b=batch): the L2-normalised pooled states of b's users, no gradients, bidirectional mask."""
+    def step(b=batch):
+        side = b["user"]
         with torch.no_grad(), autocast:
-            h = c.hidden(side["ids"], ggsm.bidirectional_mask(side["am"], mask_dtype))
+            h = c.hidden(side["ids"], ggsm.bidirectional_mask(side["am"], mask_dtype), am=side["am"] if packed else None)
         return F.normalize(pool(h, side["pool"]), dim=-1)
 
     return step
@@ -418,31 +433,35 @@ def _memory_child(job):
     device = torch.device("cpu")
     c = load_contender(job["who"], job["ckpt"], job["r"], job["alpha"], device)
     w = job["work"]
-    batch = random_batch(w["B"], w["L"], w.get("A", 0), job["vocab"], job["seed"], device)
+    # a workload's batches as its section drew them; else one random padded batch
+    batches = job["batches"] or [random_batch(w["B"], w["L"], w.get("A", 0), job["vocab"], job["seed"], device)]
     make = make_train_step if job["kind"] == "train" else make_embed_step
-    step = make(c, batch, torch.float32, contextlib.nullcontext())
+    step = make(c, batches[0], torch.float32, contextlib.nullcontext(), job["packed"])
     rss0 = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS, so the peak below is the steps' own
-    for _ in range(2):  # the first step also creates AdamW's state
-        step()
+    for b in batches[:1] + batches:  # the first step also creates AdamW's state
+        step(b)
     peak = _status_mb("VmHWM")
     return {"rss_loaded_mb": rss0, "peak_rss_mb": peak, "step_peak_mb": peak - rss0}
 
 
-def peak_memory(who, kind, ctx, work, c=None, step=None):
-    """MiB a step adds at its peak: CUDA in process, CPU in a fresh process (see the module docstring)."""
+def peak_memory(who, kind, ctx, work, c=None, step=None, batches=None, packed=False):
+    """MiB a step adds at its peak (over `batches` when given, each a step): CUDA in process, CPU in a fresh
+    process (see the module docstring)."""
     if ctx["device"].type == "cuda":
         sync(ctx["device"])
         torch.cuda.reset_peak_memory_stats(ctx["device"])
         base = torch.cuda.memory_allocated(ctx["device"])
-        step()
+        for b in batches or [None]:
+            step() if b is None else step(b)
         sync(ctx["device"])
         return {"step_peak_mb": (torch.cuda.max_memory_allocated(ctx["device"]) - base) / 2 ** 20}
     if not os.path.exists("/proc/self/clear_refs"):
         return {"step_peak_mb": float("nan"), "note": "no /proc/self/clear_refs: peak RSS not measured"}
     job = dict(who=who, kind=kind, ckpt=ctx["ckpt"], r=ctx["r"], alpha=ctx["alpha"], work=work,
-               vocab=ctx["vocab"], seed=ctx["seed"], threads=torch.get_num_threads())
+               vocab=ctx["vocab"], seed=ctx["seed"], threads=torch.get_num_threads(), packed=packed,
+               batches=[{k: {f: t.cpu() for f, t in side.items()} for k, side in b.items()} for b in batches or []])
     # forkserver: each measurement is a fresh fork of a server that has imported torch / transformers / peft
     # but never held a model, so the child's allocator starts clean and the imports are paid once
     mp = multiprocessing.get_context("forkserver")
@@ -585,6 +604,204 @@ def section_scaling(ctx):
     return {"tokens_per_step_target": w["tokens"], "points": points}, rows
 
 
+# -----------------------------------------------------------------------------
+# the limit of this machine, and the workloads a user runs
+
+def peak_matmul_flops(device, dtype, reps=5):
+    """This machine's dense matmul throughput, FLOP/s: the best of `reps` large square torch.mm (2 n^3 FLOPs
+    each) in the dtype the steps compute in, on the threads the steps use."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(reps + 1):  # the first call warms up
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def model_flops(cfg, r, user_lengths, answer_lengths=(), train=True):
+    """Matmul FLOPs of the real tokens (2 per multiply-add), counted the same for both sides whatever they pad:
+    per layer and token, the seven projections (x W^T) and their LoRA branches (x A^T B^T, rank r); per layer and
+    user of n tokens, attention's Q K^T and P V over its n x n block (every key: the soft mask at step 0 opens the
+    future). train: plus the backward to the activations (the frozen projections: one more x W^T-sized product
+    for the input gradient; LoRA: two, for the input and for A and B; attention: two). Not counted: norms, RoPE,
+    softmax, the embedding lookup, the loss, the optimizer (all O(tokens x hidden) or smaller)."""
+    D, I, nh, nkv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, layers = D // nh, cfg["num_hidden_layers"]
+    shapes = [(D, nh * hd), (D, nkv * hd), (D, nkv * hd), (nh * hd, D), (D, I), (D, I), (I, D)]  # (in, out)
+    proj = sum(i * o for i, o in shapes)              # multiply-adds per token per layer
+    lora = sum(r * (i + o) for i, o in shapes)
+    total = 0
+    for n in list(user_lengths) + list(answer_lengths):
+        attn = 2 * n * n * nh * hd                     # Q K^T and P V, multiply-adds
+        fwd = n * proj + n * lora + attn
+        bwd = n * proj + 2 * n * lora + 2 * attn if train else 0
+        total += 2 * layers * (fwd + bwd)
+    return total
+
+
+def embedded_lengths(ctx, w):
+    """(user lengths, answer lengths) of w["users"] users of the embedded synthetic benchmark, encoded as train.py
+    does by default (a 1,024-token BPE trained on them, as --model tiny; max_len, answer_max_len; no preamble)."""
+    train_path, _ = data.write_synthetic(os.path.join(ctx["tmp"], "embedded"), w["users"], 0, seed=ctx["seed"])
+    records, report = data.load_records(train_path, require=("answer",))
+    tok = data.train_tokenizer(data.record_texts(records), min(1024, ctx["vocab"]))
+    template = data.Template(tok, report.modalities, report.vector_dims, max_len=w["max_len"],
+                             max_answer_len=w["answer_max_len"])
+    ds = data.UserDataset(records, template)
+    return np.array(ds.lengths), np.array([len(ds[i]["answer_ids"]) for i in range(len(ds))])
+
+
+def length_batch(user_lengths, answer_lengths, vocab, seed, device):
+    """random_batch's layout for given lengths: right-padded random ids, pooled at each side's last token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def side(n):
+        n = torch.as_tensor(n, dtype=torch.long)
+        am = (torch.arange(int(n.max()))[None, :] < n[:, None]).long()  # (B, longest)
+        ids = torch.randint(0, vocab, am.shape, generator=g) * am
+        return {"ids": ids.to(device), "am": am.to(device), "pool": (n - 1).to(device)}
+
+    return {"user": side(user_lengths), "answer": side(answer_lengths)}
+
+
+def workload_batches(name, ctx, w, n_batches):
+    """n_batches batches of w["B"] users each, drawn from the workload's length distribution."""
+    rng = np.random.default_rng(ctx["seed"])
+    B = w["B"]
+    if name == "embedded":
+        users, answers = embedded_lengths(ctx, w)
+        picks = [rng.choice(len(users), B, replace=False) for _ in range(n_batches)]
+        lengths = [(users[p], answers[p]) for p in picks]
+    else:  # paperlike: lognormal around the median, clipped to [min, max]; one history at max in every batch
+        lengths = []
+        for _ in range(n_batches):
+            u = np.clip(np.round(rng.lognormal(np.log(w["median"]), w["sigma"], B)), w["min"], w["max"]).astype(int)
+            lengths.append((u, rng.integers(w["A"][0], w["A"][1] + 1, B)))
+    return [length_batch(u, a, ctx["vocab"], ctx["seed"] + k, ctx["device"]) for k, (u, a) in enumerate(lengths)]
+
+
+def section_workload(name, ctx):
+    """The same users per step on both sides, a new batch each repetition: ours packed (pack.py), theirs with
+    dynamic padding (each batch padded to its longest user, their common practice). Train step and embedding."""
+    w = ctx["work"][name]
+    batches = workload_batches(name, ctx, w, ctx["reps"] + 1)  # batch 0: the warm-up
+    packed = {"ours": True, "theirs": False}
+    out, rows = {"B": w["B"], "work": {k: v for k, v in w.items()}, "batches": len(batches) - 1}, []
+    users = np.concatenate([b["user"]["am"].sum(1).cpu().numpy() for b in batches[1:]])
+    out["user_length"] = {"median": float(np.median(users)), "mean": float(users.mean()), "max": int(users.max())}
+    tokens = sum(n_tokens(b) for b in batches[1:])
+    slots = {"theirs": sum(s["am"].numel() for b in batches[1:] for s in b.values()),
+             "ours": sum(pack.Packing(s["am"]).slots() for b in batches[1:] for s in b.values())}
+    for kind in ("train", "embed"):
+        make = make_train_step if kind == "train" else make_embed_step
+        steps = {c.name: make(c, batches[0], ctx["mask_dtype"], ctx["autocast"], packed[c.name])
+                 for c in (ctx["ours"], ctx["theirs"])}
+        times = time_interleaved_batches(steps, batches, ctx["device"])
+        total = {k: sum(v) for k, v in times.items()}
+        u_len = [n for b in batches[1:] for n in b["user"]["am"].sum(1).tolist()]
+        a_len = [n for b in batches[1:] for n in b["answer"]["am"].sum(1).tolist()] if kind == "train" else []
+        flops = model_flops(ctx["model_cfg"], ctx["r"], u_len, a_len, train=kind == "train")
+        r = {"times_s": times, "total_s": total, "model_flops": flops,
+             "limit_fraction": {k: flops / t / ctx["peak_flops"] for k, t in total.items()}}
+        if kind == "train":
+            r["tokens_per_s"] = {k: tokens / t for k, t in total.items()}
+            r["throughput_ratio"] = r["tokens_per_s"]["ours"] / r["tokens_per_s"]["theirs"]
+            r["memory"] = {k: peak_memory(k, "train", ctx, w, step=steps[k], batches=batches[1:], packed=packed[k])
+                           for k in steps}
+            r["memory_ratio"] = r["memory"]["ours"]["step_peak_mb"] / r["memory"]["theirs"]["step_peak_mb"]
+            rows += [(name, f"train, {len(batches) - 1} steps of B={w['B']} (user length median {out['user_length']['median']:.0f}, "
+                            f"max {out['user_length']['max']}): tokens/s, limit fraction",
+                      f"{r['tokens_per_s']['ours']:.0f}, {r['limit_fraction']['ours']:.0%}",
+                      f"{r['tokens_per_s']['theirs']:.0f}, {r['limit_fraction']['theirs']:.0%}",
+                      f"{r['throughput_ratio']:.2f}x", ">= 1.3x"),
+                     (name, "train step peak memory, MiB above the loaded model", f"{r['memory']['ours']['step_peak_mb']:.0f}",
+                      f"{r['memory']['theirs']['step_peak_mb']:.0f}", f"{r['memory_ratio']:.2f}x", "<= 0.8x")]
+        else:
+            n_users = len(u_len)
+            r["users_per_s"] = {k: n_users / t for k, t in total.items()}
+            r["throughput_ratio"] = r["users_per_s"]["ours"] / r["users_per_s"]["theirs"]
+            rows.append((name, "embedding, the same users: users/s, limit fraction",
+                         f"{r['users_per_s']['ours']:.1f}, {r['limit_fraction']['ours']:.0%}",
+                         f"{r['users_per_s']['theirs']:.1f}, {r['limit_fraction']['theirs']:.0%}",
+                         f"{r['throughput_ratio']:.2f}x", ">= 1.3x"))
+        out[kind] = r
+    out["tokens"], out["token_slots"] = tokens, slots
+    rows.append((name, "token slots computed, both towers (real share)", f"{slots['ours']} ({tokens / slots['ours']:.0%})",
+                 f"{slots['theirs']} ({tokens / slots['theirs']:.0%})", "", ""))
+    return out, rows
+
+
+def section_compile(ctx):
+    """Ours only: the packed train step on the embedded workload with every decoder block under torch.compile
+    (inductor, dynamic shapes: the packed length changes every batch) against the same blocks eager. Reports the
+    compile time (the first compiled steps minus an eager one) and the steady-state ratio."""
+    w = ctx["work"]["embedded"]
+    batches = workload_batches("embedded", ctx, w, ctx["reps"] + 1)
+    dec = ctx["ours"].module
+    eager = list(dec.model.layers)
+    compiled = [torch.compile(b, dynamic=True) for b in eager]
+    step = make_train_step(ctx["ours"], batches[0], ctx["mask_dtype"], ctx["autocast"], packed=True)
+
+    def use(blocks):
+        for i, b in enumerate(blocks):
+            dec.model.layers[i] = b
+
+    def timed(b):
+        sync(ctx["device"])
+        t0 = time.perf_counter()
+        step(b)
+        sync(ctx["device"])
+        return time.perf_counter() - t0
+
+    try:
+        use(eager)
+        t_eager = timed(batches[0])
+        use(compiled)
+        t_first = timed(batches[0]) + timed(batches[1])  # a second shape: dynamic recompiles once more
+        times = {"eager": [], "compiled": []}
+        for b in batches[1:]:
+            for name, blocks in (("eager", eager), ("compiled", compiled)):
+                use(blocks)
+                times[name].append(timed(b))
+    finally:
+        use(eager)
+    total = {k: sum(v) for k, v in times.items()}
+    out = {"times_s": times, "compile_s": t_first - 2 * t_eager, "speedup": total["eager"] / total["compiled"]}
+    rows = [("compile", f"packed train step, embedded workload B={w['B']}: torch.compile of the blocks vs eager "
+                        "(ours only): seconds per step",
+             f"{total['compiled'] / len(times['compiled']):.2f} s", f"{total['eager'] / len(times['eager']):.2f} s",
+             f"{out['speedup']:.2f}x; compile {out['compile_s']:.0f} s", "keep behind a flag if > 1.1x")]
+    return out, rows
+
+
+def section_embedded(ctx):
+    return section_workload("embedded", ctx)
+
+
+def section_paperlike(ctx):
+    return section_workload("paperlike", ctx)
+
+
+def time_interleaved_batches(steps, batches, device):
+    """{name: step(batch)} -> {name: [seconds]}: every step on batches[0] to warm up, then on each later batch in
+    turn (ours, theirs, ours, ...), so both sides time the same users under the same machine load."""
+    for fn in steps.values():
+        fn(batches[0])
+    times = {name: [] for name in steps}
+    for b in batches[1:]:
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(b)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def pad_side(side, L, pad_id):
     """The official recipe's padding: every sequence right-padded to L (positions, pooling, vectors unchanged)."""
     extra = L - side.input_ids.shape[1]
@@ -651,7 +868,22 @@ def section_padding(ctx):
 
 
 SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "softmask": section_softmask,
-            "scaling": section_scaling, "padding": section_padding}
+            "scaling": section_scaling, "padding": section_padding, "embedded": section_embedded,
+            "paperlike": section_paperlike, "compile": section_compile}
+ALL = [name for name in SECTIONS if name != "compile"]  # minutes of compiling on a CPU: asked for by name
+
+
+def summary(result):
+    """The machine-readable figures of an `all` run (ratios ours / theirs; throughput up is better)."""
+    emb, pap = result["embedded"], result["paperlike"]
+    return {"train_equal_padding_ratio": result["train"]["throughput_ratio"],
+            "train_embedded_ratio": emb["train"]["throughput_ratio"],
+            "train_paperlike_ratio": pap["train"]["throughput_ratio"],
+            "memory_ratio": emb["train"]["memory_ratio"],  # the train step on the embedded workload
+            "embed_ratio": emb["embed"]["throughput_ratio"],  # embedding the embedded workload's users
+            "ggsm_overhead": result["ggsm"]["overhead"],
+            "limit_fraction_ours": emb["train"]["limit_fraction"]["ours"],
+            "limit_fraction_theirs": emb["train"]["limit_fraction"]["theirs"]}
 
 
 def bench_models(args):
@@ -678,7 +910,7 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     import peft
     import transformers
     load = os.getloadavg()
-    names = list(SECTIONS) if args.section == "all" else [args.section]
+    names = ALL if args.section == "all" else [args.section]
     work = {k: v[1 if args.quick else 0] for k, v in WORK.items()}
     result = {"sections": names, "size": size, "model": SIZES[size], "lora": {"r": args.r, "alpha": args.alpha},
               "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -693,9 +925,13 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
         theirs = load_theirs(ckpt, args.r, args.alpha, device, lora_from=ours.module)
         ctx = dict(ours=ours, theirs=theirs, device=device, mask_dtype=mask_dtype, autocast=autocast, work=work,
                    reps=reps, ckpt=ckpt, r=args.r, alpha=args.alpha, vocab=SIZES[size]["vocab_size"],
-                   n_layers=SIZES[size]["num_hidden_layers"], seed=args.seed, tmp=tmp)
+                   n_layers=SIZES[size]["num_hidden_layers"], seed=args.seed, tmp=tmp, model_cfg=SIZES[size])
         result["parity"], r = section_parity(ctx)
         rows += r
+        # the limit: dense matmul FLOP/s in the dtype the steps compute in (bf16 under CUDA autocast)
+        ctx["peak_flops"] = result["peak_matmul_flops"] = peak_matmul_flops(device, mask_dtype)
+        rows.append(("limit", "dense matmul throughput of this machine (torch.mm), GFLOP/s",
+                     f"{ctx['peak_flops'] / 1e9:.1f}", "", "", ""))
         for name in names:
             t0 = time.perf_counter()
             result[name], r = SECTIONS[name](ctx)
@@ -704,6 +940,8 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
             print(f"[{name} done in {time.perf_counter() - t0:.0f} s]", flush=True)
     result["load_average_after"] = list(os.getloadavg())
     result["total_seconds"] = time.perf_counter() - t_start
+    if args.section == "all":
+        result["summary"] = summary(result)
     result["table"] = [dict(zip(("section", "metric", "ours", "theirs", "ratio", "target"), r)) for r in rows]
     m = SIZES[size]
     print(f"\nours (model.py + LoRA r={args.r}) vs theirs (transformers {transformers.__version__} sdpa + peft "
@@ -950,6 +1188,9 @@ def main(argv=None):
              "softmask": "under bf16 autocast: the soft mask kept in fp32 (fp32 attention) vs rounded to bf16 (ours only)",
              "scaling": "training step at growing sequence length",
              "padding": "one synthetic epoch: dynamic padding vs pad-everything-to-512 (official recipe)",
+             "embedded": "the embedded benchmark's users: ours packed vs theirs dynamically padded (train, embed)",
+             "paperlike": "long-tailed histories up to 1,024 tokens: ours packed vs theirs dynamically padded",
+             "compile": "torch.compile of our decoder blocks against eager on the embedded workload (not in all)",
              "all": "every section above, one table"}
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)

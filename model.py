@@ -583,8 +583,12 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        z = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()  # (..., out)
-        return y + (z * self.scaling).to(y.dtype)
+        # scale at rank r, not at width out: (x A^T s) B^T = s x A^T B^T, with an (..., r) multiply instead of (..., out)
+        a = (self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling  # (..., r)
+        if a.dtype != y.dtype:  # a bf16 base without autocast: the branch in fp32, cast back
+            return y + (a @ self.lora_B.t()).to(y.dtype)
+        # y + a B^T as one BLAS call (addmm's beta = 1): no (..., out) temporary and no separate add
+        return torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r), self.lora_B.t()).view(y.shape)
 
     @torch.no_grad()
     def merge(self):

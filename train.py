@@ -129,7 +129,10 @@ def get_args(argv=None):
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
     p.add_argument("--no-oracle", action="store_true", help="probe the trained encoder only, not also the untrained Oracle row of the same base")
     p.add_argument("--halt-after", type=int, default=0, help="stop right after step N's checkpoint as if killed (tests resume)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.chunks is None:
+        args.chunks = 1 if args.pack else 4
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -482,8 +485,6 @@ def check_args(args, world):
     """Fail on bad arguments before any work; -> micro-steps per optimizer step."""
     if args.batch_size % (args.micro_batch * world):
         sys.exit(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x world size {world}")
-    if args.chunks is None:
-        args.chunks = 1 if args.pack else 4
     if args.chunks < 1:
         sys.exit(f"error: --chunks {args.chunks}: must be >= 1")
     if args.capture_layer not in ("last-block", "final") and not args.capture_layer.isdigit():

@@ -19,6 +19,7 @@ pytest.importorskip("sklearn")
 
 import bench  # noqa: E402
 import data  # noqa: E402
+import model  # noqa: E402
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
@@ -90,7 +91,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["all", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["sections"] == ["train", "embed", "ggsm", "softmask", "scaling", "padding"]
+    assert res["sections"] == ["train", "embed", "ggsm", "softmask", "scaling", "padding", "embedded", "paperlike"]
     for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
                 "load_average_before", "load_average_after", "table"):
         assert key in res, key
@@ -116,7 +117,46 @@ def test_quick_all_writes_expected_json(tmp_path):
     assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
     # padded keys are masked and positions are unchanged, so the padded epoch computes the same losses
     assert pad["max_loss_diff"] <= 1e-4
-    assert {row["section"] for row in res["table"]} == {"parity", "train", "embed", "ggsm", "softmask", "scaling", "padding"}
+    assert {row["section"] for row in res["table"]} == {"parity", "limit", "train", "embed", "ggsm", "softmask", "scaling",
+                                                        "padding", "embedded", "paperlike"}
+    assert res["peak_matmul_flops"] > 1e8
+    for name in ("embedded", "paperlike"):  # the same users on both sides; ours packed computes fewer slots
+        wl = res[name]
+        assert wl["token_slots"]["ours"] <= wl["token_slots"]["theirs"] and wl["tokens"] <= wl["token_slots"]["ours"]
+        for kind in ("train", "embed"):
+            r = wl[kind]
+            assert all(len(r["times_s"][k]) == res["reps"] for k in ("ours", "theirs"))
+            assert all(0 < f < 1 for f in r["limit_fraction"].values())
+            for k in ("ours", "theirs"):
+                assert r["limit_fraction"][k] == pytest.approx(r["model_flops"] / r["total_s"][k] / res["peak_matmul_flops"])
+    assert res["paperlike"]["token_slots"]["ours"] < 0.9 * res["paperlike"]["token_slots"]["theirs"]  # long-tailed
+    s = res["summary"]
+    assert set(s) == {"train_equal_padding_ratio", "train_embedded_ratio", "train_paperlike_ratio", "memory_ratio",
+                      "embed_ratio", "ggsm_overhead", "limit_fraction_ours", "limit_fraction_theirs"}
+    assert s["train_embedded_ratio"] == res["embedded"]["train"]["throughput_ratio"]
+    assert s["ggsm_overhead"] == res["ggsm"]["overhead"] and s["memory_ratio"] > 0
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 12]])
+def test_model_flops_match_torch_flop_counter(lengths):
+    """bench.model_flops against torch's FlopCounterMode on our decoder with LoRA (manual attention, so that Q K^T
+    and P V are counted matmuls; the input embeddings need a gradient, as the new token rows make them in
+    training): forward alone, and forward + backward to the activations and the LoRA factors."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = bench.SIZES["quick"]
+    dec = model.Decoder(model.ModelConfig(model_type="qwen2", **cfg))
+    dec.attn_impl = "manual"
+    model.add_lora(dec, r=4, alpha=8)
+    for train in (False, True):
+        counted = 0
+        for n in lengths:  # each user alone: its own n x n block
+            x = torch.randn(1, n, cfg["hidden_size"], requires_grad=train)
+            with FlopCounterMode(display=False) as fc:
+                h = dec(inputs_embeds=x, mask=torch.zeros(1, 1, n, n))
+                if train:
+                    h.sum().backward()
+            counted += fc.get_total_flops()
+        assert bench.model_flops(cfg, 4, lengths, train=train) == counted, train
 
 
 def test_probe_section_still_runs(tmp_path):
