@@ -85,9 +85,9 @@ def get_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise each tower's pooled state (BatchNorm, no affine; global-batch statistics in training, running ones at inference) before the L2 norm")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    # official code [micro-batches]: every sequence padded to 512; here packed rows, or with --no-pack length-sorted chunks
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="run the users of each chunk packed into shared rows (block-diagonal masks, RoPE restarting per user; pack.py): the same numbers, no padding; also the probe's embeddings")
-    # official code [micro-batches]: every sequence padded to 512; --chunks 1 pads a micro-batch to its longest
     p.add_argument("--chunks", type=int, default=None, help="each micro-batch runs as this many length-sorted chunks, each padded (or packed) on its own (less padding, the same loss); default 1 with --pack, which leaves no padding to cut, 4 without")
     # the small decoder built by --model tiny
     p.add_argument("--tiny-hidden", type=int, default=128, help="hidden size of the small decoder")
@@ -404,16 +404,20 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
         n_targets = sum(lengths[i] - 1 for i in idx)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        # length-sorted chunks, each padded to its own longest: the mean over all the batch's target tokens is
-        # the sum of the chunks' sums / n_targets, so the gradient is the one of a single padded batch
+        # chunks (one by default) packed or padded: the mean over all the batch's target tokens is the sum of the
+        # chunks' sums / n_targets, so the gradient is the one of a single padded batch
         for part in length_chunks(idx, lengths, args.chunks):
             ids, am = data.pad([seqs[i] for i in part], template.pad_id)
             ids, am = ids.to(device), am.to(device)
-            hidden = dec(input_ids=ids, mask=ggsm.causal_mask(am, torch.float32))
-            logits = dec.logits(hidden[:, :-1])                                   # (b, L-1, V)
-            targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)               # no loss on padding
-            part_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                        ignore_index=-100, reduction="sum") / n_targets
+            mask = ggsm.causal_mask(am, torch.float32)
+            if args.pack:
+                p = pack.Packing(am)
+                hidden = p.unpack(dec(input_ids=p.pack(ids), mask=p.mask(mask), position_ids=p.position_ids))
+            else:
+                hidden = dec(input_ids=ids, mask=mask)                           # (b, L, D)
+            real = am[:, 1:] == 1                                                # slot t predicts token t + 1
+            logits = dec.logits(hidden[:, :-1][real])                            # (n targets, V): no padded slots
+            part_loss = F.cross_entropy(logits.float(), ids[:, 1:][real], reduction="sum") / n_targets
             part_loss.backward()
             loss += part_loss.item()
         for g in opt.param_groups:  # cosine decay after a short warm-up
