@@ -3,7 +3,7 @@ Benchmarks (not tests): each section is a subcommand that prints a markdown tabl
 
     python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
     python bench.py events --model DIR --data train.jsonl [--max-len 256 --batch 32 --reps 5]
-    python bench.py train|embed|ggsm|softmask|scaling|padding|embedded|paperlike|compile|all [--quick] [--gpu-size]
+    python bench.py train|embed|ggsm|softmask|scaling|padding|embedded|paperlike|levers|compile|all [--quick] [--gpu-size]
                     [--reps N] [--out bench.json]
     python bench.py data [--users 10000,100000] [--ranks 2] [--steps 20] [--old-upto 10000] [--out bench_data.json]
 
@@ -62,6 +62,8 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
            (dynamic padding, their common practice). Train step (tokens/s, peak memory) and embedding (users/s).
   paperlike the same on long-tailed histories: lognormal lengths around a median of 200, clipped to [16, 1024]
            (the paper's history budget), answers 16-64 tokens.
+  levers   (by name only, not in all) ours, the embedded workload's train step with every lever on and with one
+           off at a time: packing, SDPA's enable_gqa, LoRA scaled at rank r and added by addmm.
   compile  (by name only, not in all) ours, the packed train step of the embedded workload with each decoder block
            under torch.compile (inductor, dynamic shapes) against eager: compile time and steady-state ratio.
   limit    (with every run) this machine's dense matmul throughput: the best of six torch.mm of 2048 x 2048 (CPU,
@@ -796,6 +798,45 @@ def section_compile(ctx):
     return out, rows
 
 
+def _lora_at_width(self, x):
+    """model.LoRALinear.forward as it was: the branch computed at width out, scaled there, then added."""
+    y = F.linear(x, self.weight, self.bias)
+    z = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()  # (..., out)
+    return y + (z * self.scaling).to(y.dtype)
+
+
+def section_levers(ctx):
+    """Ours only, the train step on the embedded workload with everything on, and with one lever off at a time:
+    packing (padded to each batch's longest instead), SDPA's enable_gqa (K and V heads copied by
+    repeat_interleave instead), LoRA's rank-r scaling with addmm (the branch scaled at width out and added
+    separately instead). Interleaved per batch; each variant's total time against everything on."""
+    w = ctx["work"]["embedded"]
+    batches = workload_batches("embedded", ctx, w, ctx["reps"] + 1)
+    c = ctx["ours"]
+    lora_forward, gqa = model.LoRALinear.forward, model.SDPA_GQA
+    variants = {"all on": dict(packed=True), "no packing": dict(packed=False), "KV heads copied": dict(packed=True, gqa=False),
+                "LoRA scaled at width out": dict(packed=True, lora=_lora_at_width)}
+
+    def make(v):
+        step = make_train_step(c, batches[0], ctx["mask_dtype"], ctx["autocast"], v["packed"])
+
+        def run(b):
+            model.LoRALinear.forward, model.SDPA_GQA = v.get("lora", lora_forward), v.get("gqa", gqa)
+            try:
+                return step(b)
+            finally:
+                model.LoRALinear.forward, model.SDPA_GQA = lora_forward, gqa
+        return run
+
+    times = time_interleaved_batches({name: make(v) for name, v in variants.items()}, batches, ctx["device"])
+    total = {k: sum(v) for k, v in times.items()}
+    out = {"times_s": times, "total_s": total, "cost": {k: t / total["all on"] - 1 for k, t in total.items()}}
+    rows = [("levers", f"train step, embedded workload B={w['B']}, ours: {name} (seconds per step; time against all on)",
+             f"{total[name] / len(times[name]):.2f} s", "", f"{out['cost'][name] * 100:+.1f}%", "")
+            for name in variants]
+    return out, rows
+
+
 def section_embedded(ctx):
     return section_workload("embedded", ctx)
 
@@ -887,8 +928,9 @@ def section_padding(ctx):
 
 SECTIONS = {"train": section_train, "embed": section_embed, "ggsm": section_ggsm, "softmask": section_softmask,
             "scaling": section_scaling, "padding": section_padding, "embedded": section_embedded,
-            "paperlike": section_paperlike, "compile": section_compile}
-ALL = [name for name in SECTIONS if name != "compile"]  # minutes of compiling on a CPU: asked for by name
+            "paperlike": section_paperlike, "compile": section_compile, "levers": section_levers}
+# all: what the summary needs, within 15 minutes on a 2-core CPU; the others take minutes each: asked for by name
+ALL = ["train", "embed", "ggsm", "padding", "embedded", "paperlike"]
 
 
 def summary(result):
@@ -1209,6 +1251,7 @@ def main(argv=None):
              "embedded": "the embedded benchmark's users: ours packed vs theirs dynamically padded (train, embed)",
              "paperlike": "long-tailed histories up to 1,024 tokens: ours packed vs theirs dynamically padded",
              "compile": "torch.compile of our decoder blocks against eager on the embedded workload (not in all)",
+             "levers": "ours, embedded workload: each speed lever (packing, enable_gqa, LoRA addmm) off in turn (not in all)",
              "all": "every section above, one table"}
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)

@@ -91,7 +91,7 @@ def test_quick_all_writes_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["all", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["sections"] == ["train", "embed", "ggsm", "softmask", "scaling", "padding", "embedded", "paperlike"]
+    assert res["sections"] == ["train", "embed", "ggsm", "padding", "embedded", "paperlike"]
     for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
                 "load_average_before", "load_average_after", "table"):
         assert key in res, key
@@ -106,10 +106,6 @@ def test_quick_all_writes_expected_json(tmp_path):
         for side in ("ours", "theirs"):
             assert r["memory"][side]["step_peak_mb"] > 0  # a training / inference step allocates something
     assert set(res["ggsm"]["median_s"]) == {"bidirectional", "ggsm"} and "overhead" in res["ggsm"]
-    sm = res["softmask"]
-    assert set(sm["median_s"]) == {"fp32 mask", "bf16 mask"} and all(len(v) == res["reps"] for v in sm["times_s"].values())
-    assert sm["overhead"] == pytest.approx(sm["median_s"]["fp32 mask"] / sm["median_s"]["bf16 mask"] - 1)
-    assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
     pad = res["padding"]
     w = bench.WORK["padding"][1]
     assert pad["padded"]["token_slots"] == pad["steps"] * w["B"] * w["pad_to"] * 2  # both towers padded
@@ -117,8 +113,8 @@ def test_quick_all_writes_expected_json(tmp_path):
     assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
     # padded keys are masked and positions are unchanged, so the padded epoch computes the same losses
     assert pad["max_loss_diff"] <= 1e-4
-    assert {row["section"] for row in res["table"]} == {"parity", "limit", "train", "embed", "ggsm", "softmask", "scaling",
-                                                        "padding", "embedded", "paperlike"}
+    assert {row["section"] for row in res["table"]} == {"parity", "limit", "train", "embed", "ggsm", "padding", "embedded",
+                                                        "paperlike"}
     assert res["peak_matmul_flops"] > 1e8
     for name in ("embedded", "paperlike"):  # the same users on both sides; ours packed computes fewer slots
         wl = res[name]
@@ -189,3 +185,27 @@ def test_events_section_runs(tmp_path):
     assert res["text"]["mean_length"] - res["event"]["mean_length"] == pytest.approx(sum(text_tokens) / len(records))
     assert res["text"]["n_cut_events"] == res["event"]["n_cut_events"] == 0
     assert all(res[f]["users_per_s"] > 0 and len(res[f]["times_s"]) == 1 for f in ("text", "event"))
+
+
+@pytest.mark.parametrize("section", ["softmask", "scaling"])
+def test_sections_outside_all_run(tmp_path, section):
+    out = tmp_path / f"{section}.json"
+    res = bench.main([section, "--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["sections"] == [section]
+    if section == "softmask":
+        sm = res["softmask"]
+        assert set(sm["median_s"]) == {"fp32 mask", "bf16 mask"} and all(len(v) == res["reps"] for v in sm["times_s"].values())
+        assert sm["overhead"] == pytest.approx(sm["median_s"]["fp32 mask"] / sm["median_s"]["bf16 mask"] - 1)
+    else:
+        assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
+
+
+def test_levers_section_runs(tmp_path):
+    out = tmp_path / "levers.json"
+    before = (model.LoRALinear.forward, model.SDPA_GQA)
+    bench.main(["levers", "--quick", "--out", str(out)])
+    res = json.loads(out.read_text())["levers"]
+    assert set(res["cost"]) == {"all on", "no packing", "KV heads copied", "LoRA scaled at width out"}
+    assert res["cost"]["all on"] == 0 and all(len(v) == 2 for v in res["times_s"].values())
+    # every lever is restored afterwards
+    assert (model.LoRALinear.forward, model.SDPA_GQA) == before
