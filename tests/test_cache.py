@@ -367,7 +367,7 @@ BAD_LINES = [
 
 
 def test_batch_checks_refuse_what_validate_record_refuses(tmp_path, monkeypatch):
-    """A bad record deep in a file (line 2,345 of 2,600; batches of 1,000 lines) is reported with the file:line and
+    """A bad record deep in a file (line 2,345 of 2,600, in a batch of BATCH_LINES lines) is reported with the file:line and
     the message of data.load_records, for every kind of error; with --skip-bad, the same report and the same
     collected users as a pass that validates every line with data.validate_record."""
     good = [dict(GOOD, user_id=f"u{k}", events=[{"modality": ("bill", "search")[k % 2], "time": k * 60 + j,
