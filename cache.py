@@ -11,8 +11,9 @@ file:line errors of data.iter_records: batches of lines checked as whole lists, 
 data.parse_line + data.validate_record; one process per CPU on a large file, each on its own byte range), keeps
 the events as flat arrays, tokenizes each distinct event text, query and answer once with the tokenizer's batch
 API, then applies the template (preamble, block order, the oldest-first truncation to max_len, tags, <VEC>
-placeholders, <USER>, answer + EOS) with vectorised numpy over a chunk of users at a time. This restates data.Template.encode_user; every build re-encodes a few users with
-data.Template and stops if they differ (check_against_template). A reader touches only the rows of the users it
+placeholders, <USER>, answer + EOS) with vectorised numpy over a chunk of users at a time. This restates
+data.Template.encode_user; every build re-encodes a few users with data.Template and stops if they differ
+(check_against_template). A reader touches only the rows of the users it
 asks for, so a rank's private memory does not grow with the number of users (the pages of the memory map it reads
 are page cache, shared by the ranks). Modalities in event form (Template.event_modalities) are not cached.
 
