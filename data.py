@@ -98,10 +98,18 @@ def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_finite(x):
+    """math.isfinite, False (not OverflowError) for an int too large for a float."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _parse_time(t, where):
     """`time` is a number (e.g. unix seconds) or an ISO-8601 string; returns a float."""
     if _is_number(t):
-        if not math.isfinite(t):
+        if not _is_finite(t):
             raise ValueError(f"{where}: not a finite number ({t})")
         return float(t)
     if isinstance(t, str):
@@ -156,7 +164,7 @@ def validate_record(rec, vector_dims, require=(), modalities=None):
             for j, x in enumerate(v):
                 if not _is_number(x):
                     raise ValueError(f"{w}.vector[{j}]: expected a number, got {type(x).__name__}")
-                if not math.isfinite(x):
+                if not _is_finite(x):
                     raise ValueError(f"{w}.vector[{j}]: not a finite number ({x})")
             want = vector_dims.get(m, new_dims.get(m))
             if want is None:

@@ -325,3 +325,111 @@ def test_parallel_validation_equals_one_pass(tok, tmp_path, capsys):
     write_lines(tmp_path, [""] + lines)
     with pytest.raises(ValueError, match=re.escape(f"{path}:20: events[1].vector: length 3, but modality 'tabular' has 4")):
         cache.collect(path, workers=3)
+
+
+def assert_same_collection(c, c0):
+    """Two merged collections (cache.collect) equal field by field (NaN: an untimed event, equal to NaN)."""
+    assert vars(c).keys() == vars(c0).keys()
+    for k, v in vars(c).items():
+        if isinstance(v, list):
+            assert v == vars(c0)[k], k
+        else:
+            v, w = np.asarray(v), np.asarray(vars(c0)[k])
+            assert v.dtype == w.dtype and np.array_equal(v, w, equal_nan=v.dtype.kind == "f"), k
+
+
+# records the batch checks must refuse, each with the error data.validate_record gives (or data.parse_line)
+BAD_LINES = [
+    '{"events": [', "[1]", '"text"', b"\xff", b'{"user_id": "\xc3", "events": []}',
+    dict(GOOD, user_id=True), dict(GOOD, user_id=1.5), {"user_id": "x"}, dict(GOOD, events={}), dict(GOOD, events=[]),
+    dict(GOOD, events=[1]), dict(GOOD, events=[{"modality": "", "text": "x"}]),
+    dict(GOOD, events=[{"modality": 5, "text": "x"}]), dict(GOOD, events=[{"text": "x"}]),
+    dict(GOOD, events=[{"modality": "bill", "time": True, "text": "x"}]),
+    '{"events": [{"modality": "bill", "time": NaN, "text": "x"}], "answer": "a"}',
+    '{"events": [{"modality": "bill", "time": Infinity, "text": "x"}], "answer": "a"}',
+    dict(GOOD, events=[{"modality": "bill", "time": "soon", "text": "x"}]),
+    dict(GOOD, events=[{"modality": "bill", "time": 10 ** 400, "text": "x"}]),
+    dict(GOOD, events=[{"modality": "bill", "text": 5}]), dict(GOOD, events=[{"modality": "bill", "text": ["x"]}]),
+    dict(GOOD, events=[{"modality": "bill"}]), dict(GOOD, events=[{"modality": "bill", "text": None, "vector": None}]),
+    dict(GOOD, events=[{"modality": "tabular", "vector": []}]), dict(GOOD, events=[{"modality": "tabular", "vector": 3}]),
+    dict(GOOD, events=[{"modality": "tabular", "vector": [1, "2", 3]}]),
+    dict(GOOD, events=[{"modality": "tabular", "vector": [1, True, 3]}]),
+    dict(GOOD, events=[{"modality": "tabular", "vector": [1, 10 ** 400, 3]}]),
+    '{"events": [{"modality": "tabular", "vector": [1, NaN, 3]}], "answer": "a"}',
+    '{"events": [{"modality": "tabular", "vector": [1, -Infinity, 3]}], "answer": "a"}',
+    dict(GOOD, events=[{"modality": "tabular", "vector": [1, 2]}]),
+    dict(GOOD, events=[{"modality": "bill", "text": "x"}, {"modality": "bill", "vector": [1]},
+                       {"modality": "bill", "vector": [1, 2]}]),
+    dict(GOOD, query=5), dict(GOOD, answer=""), dict(GOOD, answer="  "), dict(GOOD, answer=3),
+    {k: v for k, v in GOOD.items() if k != "answer"}, dict(GOOD, labels=[1]), dict(GOOD, labels={"movie": 2}),
+    dict(GOOD, labels={"movie": True}), dict(GOOD, labels={"movie": "1"}),
+]
+
+
+def test_batch_checks_refuse_what_validate_record_refuses(tmp_path, monkeypatch):
+    """A bad record deep in a file (line 2,345 of 2,600, in a batch of BATCH_LINES lines) is reported with the file:line and
+    the message of data.load_records, for every kind of error; with --skip-bad, the same report and the same
+    collected users as a pass that validates every line with data.validate_record."""
+    good = [dict(GOOD, user_id=f"u{k}", events=[{"modality": ("bill", "search")[k % 2], "time": k * 60 + j,
+                                                  "text": f"{CORPUS[(k + j) % 8]} {k % 97}"} for j in range(1 + k % 5)]
+                 + [{"modality": "tabular", "vector": [k, 0.5, -1.25]}] * (k % 3 > 0), query=None if k % 4 else "q")
+            for k in range(2600)]
+
+    def slow(path, **kw):  # every batch refused: data.parse_line + data.validate_record line by line
+        with monkeypatch.context() as m:
+            m.setattr(cache._Collected, "add_batch", lambda *a: False)
+            return cache.collect(path, **kw)
+    for bad in BAD_LINES:
+        lines = list(good)
+        lines[2344] = bad
+        path = str(tmp_path / "users.jsonl")
+        with open(path, "wb") as f:
+            f.write(b"\n".join(l if isinstance(l, bytes) else l.encode() if isinstance(l, str) else json.dumps(l).encode()
+                                for l in lines))
+        with pytest.raises(ValueError) as one:
+            data.load_records(path, require=("answer",))
+        with pytest.raises(ValueError) as batched:
+            cache.collect(path, require=("answer",))
+        assert str(batched.value) == str(one.value) and str(one.value).startswith(f"{path}:2345: "), (bad, one.value)
+        c, report, sample = cache.collect(path, require=("answer",), skip_bad=True)
+        c0, report0, sample0 = slow(path, require=("answer",), skip_bad=True)
+        assert report.n_bad == 1 and report.reasons == report0.reasons == [str(one.value)]
+        assert (report.n_ok, report.vector_dims, report.modality_counts) == \
+            (report0.n_ok, report0.vector_dims, report0.modality_counts)
+        assert_same_collection(c, c0)
+        assert sample == sample0
+
+
+def test_batch_checks_accept_as_validate_record(tok, tmp_path, monkeypatch):
+    """Valid records in every form (untimed and ISO-timed events, int user ids, float 0/1 labels, vector-only events,
+    no query): batches of 7 lines, some checked whole and some line by line, collect what one line-by-line pass
+    collects, and the cache equals data.UserDataset."""
+    monkeypatch.setattr(cache, "BATCH_LINES", 7)
+    recs = copy.deepcopy(EDGE) * 3 + [dict(GOOD, user_id=k, labels={"movie": 1.0}) for k in range(5)]
+    path = write_lines(tmp_path, recs + ["", "  "] + recs[3:20])
+    c, report, sample = cache.collect(path)
+    with monkeypatch.context() as m:
+        m.setattr(cache._Collected, "add_batch", lambda *a: False)
+        c0, report0, sample0 = cache.collect(path)
+    assert_same_collection(c, c0)
+    assert sample == sample0 and str(report) == str(report0)
+    calls = []
+    real = cache._Collected.add_batch
+    monkeypatch.setattr(cache._Collected, "add_batch", lambda *a: calls.append(real(*a)) or calls[-1])
+    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"], {"tabular": 3, "bill": 3},
+                        preamble="", max_len=40)
+    old, new, _ = build_both(path, tmp_path / "enc", tpl, require=(), with_answer=True)
+    assert_same_examples(old, new)
+    assert True in calls and False in calls  # both paths ran
+
+
+def test_bench_replicated_users(tmp_path):
+    """bench.py data --replicate: copies of a synthetic file, every user id unique, the records otherwise the same."""
+    import bench
+    src, _ = data.write_synthetic(str(tmp_path / "syn"), 30, 0, seed=2)
+    path = bench.replicate_users(src, 3, str(tmp_path / "big" / "train.jsonl"))
+    base, _ = data.load_records(src)
+    big, report = data.load_records(path)
+    assert len(big) == 90 and len({r["user_id"] for r in big}) == 90 and big[65]["user_id"] == "r2-" + base[5]["user_id"]
+    assert all({k: v for k, v in r.items() if k != "user_id"} == {k: v for k, v in base[i % 30].items() if k != "user_id"}
+               for i, r in enumerate(big))
