@@ -247,8 +247,10 @@ def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
     user's history segment only: the segment read from the cache is the template's."""
     cache_dir = str(workdir["root"] / "ddp-cache")
     one, two = str(workdir["root"] / "one-mem"), str(workdir["root"] / "two-cache")
+    # --no-pack: 8 users packed in one process and 4 per rank pack into different rows, whose round-off (1e-6 per
+    # step, tests/test_pack.py) grows past this test's 1e-5 in 4 steps; what is tested here is the data path
     args = ["--mask", "hybrid_mask", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8", "--no-standardize",
-            "--ckpt-every", "2"] + SHORT
+            "--ckpt-every", "2", "--no-pack"] + SHORT
     run(common(workdir, one, *args, "--micro-batch", "8", "--data-cache", "off"))
     run(common(workdir, two, *args, "--micro-batch", "4", "--data-cache", cache_dir, "--halt-after", "2"), nproc=2)
     assert len(os.listdir(cache_dir)) == 1
@@ -366,19 +368,13 @@ BAD_LINES = [
 ]
 
 
-def test_batch_checks_refuse_what_validate_record_refuses(tmp_path, monkeypatch):
-    """A bad record deep in a file (line 2,345 of 2,600, in a batch of BATCH_LINES lines) is reported with the file:line and
-    the message of data.load_records, for every kind of error; with --skip-bad, the same report and the same
-    collected users as a pass that validates every line with data.validate_record."""
+def test_bad_line_deep_in_a_file(tmp_path):
+    """A bad record deep in a file (line 2,345 of 2,600) is reported by the cache's pass with the file:line and the
+    message of data.load_records, for every kind of error; with --skip-bad that line alone is dropped."""
     good = [dict(GOOD, user_id=f"u{k}", events=[{"modality": ("bill", "search")[k % 2], "time": k * 60 + j,
                                                   "text": f"{CORPUS[(k + j) % 8]} {k % 97}"} for j in range(1 + k % 5)]
                  + [{"modality": "tabular", "vector": [k, 0.5, -1.25]}] * (k % 3 > 0), query=None if k % 4 else "q")
             for k in range(2600)]
-
-    def slow(path, **kw):  # every batch refused: data.parse_line + data.validate_record line by line
-        with monkeypatch.context() as m:
-            m.setattr(cache._Collected, "add_batch", lambda *a: False)
-            return cache.collect(path, **kw)
     for bad in BAD_LINES:
         lines = list(good)
         lines[2344] = bad
@@ -388,39 +384,11 @@ def test_batch_checks_refuse_what_validate_record_refuses(tmp_path, monkeypatch)
                                 for l in lines))
         with pytest.raises(ValueError) as one:
             data.load_records(path, require=("answer",))
-        with pytest.raises(ValueError) as batched:
+        with pytest.raises(ValueError) as cached:
             cache.collect(path, require=("answer",))
-        assert str(batched.value) == str(one.value) and str(one.value).startswith(f"{path}:2345: "), (bad, one.value)
-        c, report, sample = cache.collect(path, require=("answer",), skip_bad=True)
-        c0, report0, sample0 = slow(path, require=("answer",), skip_bad=True)
-        assert report.n_bad == 1 and report.reasons == report0.reasons == [str(one.value)]
-        assert (report.n_ok, report.vector_dims, report.modality_counts) == \
-            (report0.n_ok, report0.vector_dims, report0.modality_counts)
-        assert_same_collection(c, c0)
-        assert sample == sample0
-
-
-def test_batch_checks_accept_as_validate_record(tok, tmp_path, monkeypatch):
-    """Valid records in every form (untimed and ISO-timed events, int user ids, float 0/1 labels, vector-only events,
-    no query): batches of 7 lines, some checked whole and some line by line, collect what one line-by-line pass
-    collects, and the cache equals data.UserDataset."""
-    monkeypatch.setattr(cache, "BATCH_LINES", 7)
-    recs = copy.deepcopy(EDGE) * 3 + [dict(GOOD, user_id=k, labels={"movie": 1.0}) for k in range(5)]
-    path = write_lines(tmp_path, recs + ["", "  "] + recs[3:20])
-    c, report, sample = cache.collect(path)
-    with monkeypatch.context() as m:
-        m.setattr(cache._Collected, "add_batch", lambda *a: False)
-        c0, report0, sample0 = cache.collect(path)
-    assert_same_collection(c, c0)
-    assert sample == sample0 and str(report) == str(report0)
-    calls = []
-    real = cache._Collected.add_batch
-    monkeypatch.setattr(cache._Collected, "add_batch", lambda *a: calls.append(real(*a)) or calls[-1])
-    tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"], {"tabular": 3, "bill": 3},
-                        preamble="", max_len=40)
-    old, new, _ = build_both(path, tmp_path / "enc", tpl, require=(), with_answer=True)
-    assert_same_examples(old, new)
-    assert True in calls and False in calls  # both paths ran
+        assert str(cached.value) == str(one.value) and str(one.value).startswith(f"{path}:2345: "), (bad, one.value)
+        _, report, _ = cache.collect(path, require=("answer",), skip_bad=True)
+        assert report.n_bad == 1 and report.n_ok == 2599 and report.reasons == [str(one.value)]
 
 
 def test_bench_replicated_users(tmp_path):
