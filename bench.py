@@ -710,6 +710,8 @@ def section_workload(name, ctx):
     w = ctx["work"][name]
     batches = workload_batches(name, ctx, w, ctx["reps"] + 1)  # batch 0: the warm-up
     packed = {"ours": True, "theirs": False}
+    # the limit again, the best measurement of the run kept: a busy moment of a shared machine only lowers it
+    ctx["peak_flops"] = max(ctx["peak_flops"], peak_matmul_flops(ctx["device"], ctx["mask_dtype"]))
     out, rows = {"B": w["B"], "work": {k: v for k, v in w.items()}, "batches": len(batches) - 1}, []
     users = np.concatenate([b["user"]["am"].sum(1).cpu().numpy() for b in batches[1:]])
     out["user_length"] = {"median": float(np.median(users)), "mean": float(users.mean()), "max": int(users.max())}
@@ -725,12 +727,13 @@ def section_workload(name, ctx):
         u_len = [n for b in batches[1:] for n in b["user"]["am"].sum(1).tolist()]
         a_len = [n for b in batches[1:] for n in b["answer"]["am"].sum(1).tolist()] if kind == "train" else []
         flops = model_flops(ctx["model_cfg"], ctx["r"], u_len, a_len, train=kind == "train")
-        r = {"times_s": times, "total_s": total, "model_flops": flops,
+        r = {"times_s": times, "total_s": total, "model_flops": flops, "peak_flops": ctx["peak_flops"],
              "limit_fraction": {k: flops / t / ctx["peak_flops"] for k, t in total.items()}}
         if kind == "train":
             r["tokens_per_s"] = {k: tokens / t for k, t in total.items()}
             r["throughput_ratio"] = r["tokens_per_s"]["ours"] / r["tokens_per_s"]["theirs"]
-            r["memory"] = {k: peak_memory(k, "train", ctx, w, step=steps[k], batches=batches[1:], packed=packed[k])
+            # over the first two timed batches (each side in a fresh process that loads the model: minutes for all)
+            r["memory"] = {k: peak_memory(k, "train", ctx, w, step=steps[k], batches=batches[1:3], packed=packed[k])
                            for k in steps}
             r["memory_ratio"] = r["memory"]["ours"]["step_peak_mb"] / r["memory"]["theirs"]["step_peak_mb"]
             rows += [(name, f"train, {len(batches) - 1} steps of B={w['B']} (user length median {out['user_length']['median']:.0f}, "
@@ -882,6 +885,7 @@ def section_padding(ctx):
     dataset = data.UserDataset(records, template)
     dec = ctx["ours"].module
     encoder = model.UserEncoder(dec, template.special_token_ids, template.vector_dims).to(ctx["device"]).train()
+    encoder.pack = False  # padded rows both times: packing would remove the very padding this section prices
     init = {k: v.clone() for k, v in encoder.trainable_state_dict().items()}
     order = np.random.default_rng(ctx["seed"]).permutation(len(dataset))
     batches = [data.collate([dataset[i] for i in order[s:s + w["B"]]]) for s in range(0, len(order) - w["B"] + 1, w["B"])]
@@ -989,9 +993,7 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
         result["parity"], r = section_parity(ctx)
         rows += r
         # the limit: dense matmul FLOP/s in the dtype the steps compute in (bf16 under CUDA autocast)
-        ctx["peak_flops"] = result["peak_matmul_flops"] = peak_matmul_flops(device, mask_dtype)
-        rows.append(("limit", "dense matmul throughput of this machine (torch.mm), GFLOP/s",
-                     f"{ctx['peak_flops'] / 1e9:.1f}", "", "", ""))
+        ctx["peak_flops"] = peak_matmul_flops(device, mask_dtype)
         for name in names:
             t0 = time.perf_counter()
             result[name], r = SECTIONS[name](ctx)
@@ -1000,6 +1002,9 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
             print(f"[{name} done in {time.perf_counter() - t0:.0f} s]", flush=True)
     result["load_average_after"] = list(os.getloadavg())
     result["total_seconds"] = time.perf_counter() - t_start
+    result["peak_matmul_flops"] = ctx["peak_flops"]  # the best of the run's measurements
+    rows.insert(2, ("limit", "dense matmul throughput of this machine (torch.mm; the best measurement of the run), "
+                             "GFLOP/s", f"{ctx['peak_flops'] / 1e9:.1f}", "", "", ""))
     if args.section == "all":
         result["summary"] = summary(result)
     result["table"] = [dict(zip(("section", "metric", "ours", "theirs", "ratio", "target"), r)) for r in rows]

@@ -124,7 +124,8 @@ def test_quick_all_writes_expected_json(tmp_path):
             assert all(len(r["times_s"][k]) == res["reps"] for k in ("ours", "theirs"))
             assert all(0 < f < 1 for f in r["limit_fraction"].values())
             for k in ("ours", "theirs"):
-                assert r["limit_fraction"][k] == pytest.approx(r["model_flops"] / r["total_s"][k] / res["peak_matmul_flops"])
+                assert r["limit_fraction"][k] == pytest.approx(r["model_flops"] / r["total_s"][k] / r["peak_flops"])
+            assert r["peak_flops"] <= res["peak_matmul_flops"]
     assert res["paperlike"]["token_slots"]["ours"] < 0.9 * res["paperlike"]["token_slots"]["theirs"]  # long-tailed
     s = res["summary"]
     assert set(s) == {"train_equal_padding_ratio", "train_embedded_ratio", "train_paperlike_ratio", "memory_ratio",
