@@ -277,8 +277,7 @@ def load_ours(ckpt, r, alpha, device, seed=0):
         """am given: the users packed into shared rows (pack.py), the hidden states returned unpacked."""
         if am is None:
             return dec(input_ids=ids, mask=mask, return_layer=return_layer)
-        p = pack.Packing(am)
-        return p.unpack(dec(input_ids=p.pack(ids), mask=p.mask(mask), position_ids=p.position_ids))
+        return pack.Packing(am).decode(dec, mask, ids)
 
     return Contender("ours", dec, hidden)
 

@@ -15,6 +15,7 @@ differently shaped matmuls): the same embeddings, losses and gradients (tests/te
     m_packed = packing.mask(m)                   # (B, H, L, L) additive -> (R, H, Lp, Lp) block-diagonal
     h = decoder(inputs_embeds=x_packed, mask=m_packed, position_ids=packing.position_ids)
     h_users = packing.unpack(h)                  # (R, Lp, D) -> (B, L, D), padded slots 0
+    h_users = packing.decode(decoder, m, ids)    # the same from token ids, in one call
 
 pack and unpack are gathers and index_puts, so gradients flow through them both ways.
 """
@@ -85,6 +86,11 @@ class Packing:
             r, o = self.rows[b], self.offsets[b]
             out[r, :, o:o + n, o:o + n] = m[b if m.shape[0] > 1 else 0, :, :n, :n]
         return out
+
+    def decode(self, decoder, mask, input_ids):
+        """decoder on the packed rows of input_ids (B, L) under the block-diagonal mask (B, H, L, L), positions
+        restarting per user -> the final hidden states (B, L, D) in the unpacked layout."""
+        return self.unpack(decoder(input_ids=self.pack(input_ids), mask=self.mask(mask), position_ids=self.position_ids))
 
     def layer_mask(self, mask):
         """A per-layer mask callable mask(layer_idx, h) of the unpacked batch -> the same for the packed batch:

@@ -410,11 +410,7 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
             ids, am = data.pad([seqs[i] for i in part], template.pad_id)
             ids, am = ids.to(device), am.to(device)
             mask = ggsm.causal_mask(am, torch.float32)
-            if args.pack:
-                p = pack.Packing(am)
-                hidden = p.unpack(dec(input_ids=p.pack(ids), mask=p.mask(mask), position_ids=p.position_ids))
-            else:
-                hidden = dec(input_ids=ids, mask=mask)                           # (b, L, D)
+            hidden = pack.Packing(am).decode(dec, mask, ids) if args.pack else dec(input_ids=ids, mask=mask)  # (b, L, D)
             real = am[:, 1:] == 1                                                # slot t predicts token t + 1
             logits = dec.logits(hidden[:, :-1][real])                            # (n targets, V): no padded slots
             part_loss = F.cross_entropy(logits.float(), ids[:, 1:][real], reduction="sum") / n_targets
