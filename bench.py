@@ -277,7 +277,7 @@ def load_ours(ckpt, r, alpha, device, seed=0):
         """am given: the users packed into shared rows (pack.py), the hidden states returned unpacked."""
         if am is None:
             return dec(input_ids=ids, mask=mask, return_layer=return_layer)
-        return pack.Packing(am).decode(dec, mask, ids)
+        return pack.Packing(am, key_cost=pack.key_cost(dec.config)).decode(dec, mask, ids)
 
     return Contender("ours", dec, hidden)
 
@@ -716,7 +716,8 @@ def section_workload(name, ctx):
     out["user_length"] = {"median": float(np.median(users)), "mean": float(users.mean()), "max": int(users.max())}
     tokens = sum(n_tokens(b) for b in batches[1:])
     slots = {"theirs": sum(s["am"].numel() for b in batches[1:] for s in b.values()),
-             "ours": sum(pack.Packing(s["am"]).slots() for b in batches[1:] for s in b.values())}
+             "ours": sum(pack.Packing(s["am"], key_cost=pack.key_cost(ctx["ours"].module.config)).slots()
+                         for b in batches[1:] for s in b.values())}
     for kind in ("train", "embed"):
         make = make_train_step if kind == "train" else make_embed_step
         steps = {c.name: make(c, batches[0], ctx["mask_dtype"], ctx["autocast"], packed[c.name])

@@ -699,6 +699,7 @@ class UserEncoder(nn.Module):
             raise ValueError(f"UserEncoder: special_token_ids must be distinct non-negative ids, got {ids}")
         self.decoder, self.pooling = decoder, pooling
         self.pack = True  # forward without a packing runs its users packed into shared rows (pack.py): same numbers
+        self.key_cost = pack.key_cost(decoder.config)  # how long the packed rows are worth making (pack.best_capacity)
         decoder.model.embed_tokens.weight.requires_grad_(False)  # the base rows stay as pretrained
         W = decoder.model.embed_tokens.weight.detach()
         V, D = W.shape
@@ -764,7 +765,7 @@ class UserEncoder(nn.Module):
         unpacked batch) made block-diagonal; the result is the unpacked one up to round-off, but h_k comes back
         PACKED, (R, Lp, D): the tensor the graph used, whose .grad the caller unpacks with its Packing."""
         if packing is None:  # with return_layer, no Packing would reach the caller to unpack h_k's gradient
-            packing = self.pack and return_layer is None and pack.Packing(attention_mask)
+            packing = self.pack and return_layer is None and pack.Packing(attention_mask, key_cost=self.key_cost)
         x = self.embed(input_ids, vectors, vector_pos)  # (B, L, D)
         position_ids = None
         if packing:

@@ -1,8 +1,8 @@
 """Packed rows: several users share one row of the decoder's input, so padding nearly disappears.
 
 A right-padded batch (B, L) of users with lengths n_b holds B * L slots, of which sum(n_b) are tokens. Packing
-places the users one after the other into R <= B rows of Lp slots (first-fit decreasing, Lp = the longest user,
-so no row is longer than the padded batch's and the attention per row costs no more), and
+places the users one after the other into R <= B rows of Lp slots (first-fit decreasing; Lp the longest user,
+or up to twice that where longer, fuller rows cost fewer multiply-adds: best_capacity), and
   - RoPE positions restart at 0 for each user (Decoder.forward's position_ids);
   - the additive mask is block-diagonal: user b's own (n_b, n_b) mask from the strategy, unchanged, on its
     block; every entry between two users, and every key in a row's padded tail, blocked (finfo.min).
@@ -10,7 +10,7 @@ Row r, query p of user b at local position i sees exactly the keys user b's unpa
 the same positions, so every token's hidden state is the unpacked one (up to float round-off of the
 differently shaped matmuls): the same embeddings, losses and gradients (tests/test_pack.py, every strategy).
 
-    packing = Packing(attention_mask)            # (B, L) 1 = token
+    packing = Packing(attention_mask, key_cost=key_cost(decoder.config))  # (B, L) 1 = token
     x_packed = packing.pack(x)                   # (B, L, D) -> (R, Lp, D)
     m_packed = packing.mask(m)                   # (B, H, L, L) additive -> (R, H, Lp, Lp) block-diagonal
     h = decoder(inputs_embeds=x_packed, mask=m_packed, position_ids=packing.position_ids)
@@ -25,7 +25,9 @@ import torch
 class Packing:
     """Where each user of a right-padded (B, L) batch sits in the packed (R, Lp) batch."""
 
-    def __init__(self, attention_mask):
+    def __init__(self, attention_mask, capacity=None, key_cost=None):
+        """capacity: slots per row (at least the longest user; default the longest user). key_cost: choose the
+        capacity with best_capacity instead (attention's multiply-adds per key over the projections' per token)."""
         if attention_mask.dim() != 2 or attention_mask.is_floating_point():
             raise ValueError(f"Packing: attention_mask must be a (B, L) integer/bool tensor of 1 = token, got "
                              f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
@@ -36,19 +38,11 @@ class Packing:
             raise ValueError("Packing: attention_mask must be right-padded (1s first, then 0s in every row)")
         self.B, self.L = am.shape
         self.lengths = [int(v) for v in n.tolist()]
-        Lp = max(self.lengths, default=0)
-        # first-fit decreasing: longest users first, each into the first row with room (ties by index: stable)
-        rows, row_of, offset = [], [0] * self.B, [0] * self.B
-        for b in sorted(range(self.B), key=lambda b: -self.lengths[b]):
-            for r, used in enumerate(rows):
-                if used + self.lengths[b] <= Lp:
-                    break
-            else:
-                r = len(rows)
-                rows.append(0)
-            row_of[b], offset[b] = r, rows[r]
-            rows[r] += self.lengths[b]
-        self.R, self.Lp = len(rows), Lp
+        if key_cost is not None:
+            capacity = best_capacity(self.lengths, key_cost)
+        row_of, offset, fill = first_fit(self.lengths, max(self.lengths + [capacity or 0]))
+        Lp = max(fill, default=0)  # the fullest row: no row needs more slots
+        self.R, self.Lp = len(fill), Lp
         self.rows, self.offsets = row_of, offset  # user b: row rows[b], first slot offsets[b]
         row = torch.tensor(row_of, dtype=torch.long, device=am.device)     # (B,)
         off = torch.tensor(offset, dtype=torch.long, device=am.device)     # (B,)
@@ -97,3 +91,42 @@ class Packing:
         it reads the packed h unpacked (so the strategy's module sees each user as it would unpacked) and packs
         what it returns."""
         return lambda layer_idx, h: self.mask(mask(layer_idx, self.unpack(h)))
+
+
+def first_fit(lengths, capacity):
+    """First-fit decreasing: the longest users first, each into the first row with room (ties by index: stable).
+    -> (row of each user, its first slot there, tokens in each row)."""
+    fill, row_of, offset = [], [0] * len(lengths), [0] * len(lengths)
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        for r, used in enumerate(fill):
+            if used + lengths[b] <= capacity:
+                break
+        else:
+            r = len(fill)
+            fill.append(0)
+        row_of[b], offset[b] = r, fill[r]
+        fill[r] += lengths[b]
+    return row_of, offset, fill
+
+
+def best_capacity(lengths, key_cost, factors=(1.0, 1.25, 1.5, 2.0)):
+    """The row length, among `factors` x the longest user, whose packed batch costs the fewest multiply-adds:
+    R rows of Lp slots cost R * Lp * (1 + key_cost * Lp), 1 for the projections of a slot and key_cost for
+    each key of its row in attention (the dense mask computes every entry of a row, blocked ones too). Longer
+    rows fill better but attend over more keys: on a 512-wide decoder 1.5x the longest user wins, on the
+    128-wide default decoder 1x."""
+    longest = max(lengths)
+
+    def cost(capacity):
+        fill = first_fit(lengths, capacity)[2]
+        return len(fill) * max(fill) * (1 + key_cost * max(fill))
+
+    return min((int(f * longest) for f in factors), key=cost)
+
+
+def key_cost(config):
+    """Attention's multiply-adds per key of a row (Q K^T and P V, every head) over the projections' per token
+    (q, k, v, o and the SwiGLU MLP), for a model.ModelConfig: best_capacity's trade-off for that decoder."""
+    D, I, nh, nkv, hd = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                         config.num_key_value_heads, config.head_dim)
+    return 2 * nh * hd / (2 * D * nh * hd + 2 * D * nkv * hd + 3 * D * I)

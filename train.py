@@ -223,7 +223,7 @@ class DualTower(nn.Module):
         us, as_, hs = [], [], []
         for chunk, user_mask, answer_mask in zip(chunks, user_masks, answer_masks):
             user, answer = chunk.user, chunk.answer
-            packing = pack.Packing(user.attention_mask) if self.encoder.pack else False
+            packing = pack.Packing(user.attention_mask, key_cost=self.encoder.key_cost) if self.encoder.pack else False
             out = self.encoder(user.input_ids, user.attention_mask, user.pool_index, mask=user_mask, vectors=user.vectors,
                                vector_pos=user.vector_pos, return_layer=capture_layer, finish=False, packing=packing)
             u, h = out if capture_layer is not None else (out, None)
@@ -410,7 +410,8 @@ def build_tiny_decoder(args, records, report, out_dir, device, log):
             ids, am = data.pad([seqs[i] for i in part], template.pad_id)
             ids, am = ids.to(device), am.to(device)
             mask = ggsm.causal_mask(am, torch.float32)
-            hidden = pack.Packing(am).decode(dec, mask, ids) if args.pack else dec(input_ids=ids, mask=mask)  # (b, L, D)
+            packed = args.pack and pack.Packing(am, key_cost=pack.key_cost(cfg))
+            hidden = packed.decode(dec, mask, ids) if packed else dec(input_ids=ids, mask=mask)  # (b, L, D)
             real = am[:, 1:] == 1                                                # slot t predicts token t + 1
             logits = dec.logits(hidden[:, :-1][real])                            # (n targets, V): no padded slots
             part_loss = F.cross_entropy(logits.float(), ids[:, 1:][real], reduction="sum") / n_targets
