@@ -57,7 +57,7 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
            are masked in both, so the two epochs compute the same losses (reported as a check).
 
   embedded the workload a user runs: B users per step drawn from the embedded synthetic benchmark's users as train.py
-           encodes them (a 1,024-token BPE, max_len 256, answers 48; median about 150 tokens), a new batch each
+           encodes them (a 1,024-token BPE, max_len 256, answers 48; median about 130 tokens), a new batch each
            repetition, the same users on both sides: ours packed (pack.py), theirs padded to each batch's longest
            (dynamic padding, their common practice). Train step (tokens/s, peak memory) and embedding (users/s).
   paperlike the same on long-tailed histories: lognormal lengths around a median of 200, clipped to [16, 1024]
@@ -662,15 +662,20 @@ def model_flops(cfg, r, user_lengths, answer_lengths=(), train=True):
     return total
 
 
+def synthetic_dataset(ctx, name, users, vocab, **template_options):
+    """(data.UserDataset, its template): `users` users of the embedded synthetic benchmark with answers, encoded by
+    a BPE of `vocab` tokens trained on them (at most the model's vocabulary, so every id is a row)."""
+    train_path, _ = data.write_synthetic(os.path.join(ctx["tmp"], name), users, 0, seed=ctx["seed"])
+    records, report = data.load_records(train_path, require=("answer",))
+    tok = data.train_tokenizer(data.record_texts(records), min(vocab, ctx["vocab"]))
+    template = data.Template(tok, report.modalities, report.vector_dims, **template_options)
+    return data.UserDataset(records, template), template
+
+
 def embedded_lengths(ctx, w):
     """(user lengths, answer lengths) of w["users"] users of the embedded synthetic benchmark, encoded as train.py
     does by default (a 1,024-token BPE trained on them, as --model tiny; max_len, answer_max_len; no preamble)."""
-    train_path, _ = data.write_synthetic(os.path.join(ctx["tmp"], "embedded"), w["users"], 0, seed=ctx["seed"])
-    records, report = data.load_records(train_path, require=("answer",))
-    tok = data.train_tokenizer(data.record_texts(records), min(1024, ctx["vocab"]))
-    template = data.Template(tok, report.modalities, report.vector_dims, max_len=w["max_len"],
-                             max_answer_len=w["answer_max_len"])
-    ds = data.UserDataset(records, template)
+    ds, _ = synthetic_dataset(ctx, "embedded", w["users"], 1024, max_len=w["max_len"], max_answer_len=w["answer_max_len"])
     return np.array(ds.lengths), np.array([len(ds[i]["answer_ids"]) for i in range(len(ds))])
 
 
@@ -876,13 +881,8 @@ def pad_side(side, L, pad_id):
 def section_padding(ctx):
     """One epoch of the synthetic benchmark, ours both times: dynamic padding vs every sequence padded to 512."""
     w = ctx["work"]["padding"]
-    tmp = ctx["tmp"]
-    train_path, _ = data.write_synthetic(os.path.join(tmp, "synthetic"), w["users"], 0, seed=ctx["seed"])
-    records, report = data.load_records(train_path, require=("answer",))
-    tok = data.train_tokenizer(data.record_texts(records), min(2000, ctx["vocab"]))  # every BPE id < the model's vocab
     # the official recipe truncates to 512 and pads to 512; truncation at pad_to keeps both runs on the same tokens
-    template = data.Template(tok, report.modalities, report.vector_dims, max_len=w["pad_to"])
-    dataset = data.UserDataset(records, template)
+    dataset, template = synthetic_dataset(ctx, "synthetic", w["users"], 2000, max_len=w["pad_to"])
     dec = ctx["ours"].module
     encoder = model.UserEncoder(dec, template.special_token_ids, template.vector_dims).to(ctx["device"]).train()
     encoder.pack = False  # padded rows both times: packing would remove the very padding this section prices

@@ -285,6 +285,11 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+def causal_additive(L, dtype, device):
+    """(1, 1, L, L) additive causal mask: 0 on and below the diagonal, finfo(dtype).min above."""
+    return torch.full((L, L), torch.finfo(dtype).min, device=device).triu(1)[None, None]
+
+
 def compute_dtype(x):
     """The dtype x's matmuls run in: the autocast dtype when autocast is on for x's device, else x.dtype."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -419,7 +424,7 @@ class Decoder(nn.Module):
         freqs = torch.cat((freqs, freqs), dim=-1)  # (L, hd), or (B, 1, L, hd) with position_ids
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         if mask is None:
-            mask = torch.full((L, L), torch.finfo(dtype).min, device=h.device).triu(1)[None, None]  # (1,1,L,L) causal
+            mask = causal_additive(L, dtype, h.device)
 
         compute = compute_dtype(h)  # bf16 under bf16 autocast or with bf16 weights
 
@@ -770,8 +775,7 @@ class UserEncoder(nn.Module):
         position_ids = None
         if packing:
             if mask is None:  # the decoder's default, causal, made explicit: a packed row needs its blocks
-                L = x.shape[1]
-                mask = torch.full((L, L), torch.finfo(torch.float32).min, device=x.device).triu(1)[None, None]
+                mask = causal_additive(x.shape[1], torch.float32, x.device)
             mask = packing.layer_mask(mask) if callable(mask) else packing.mask(mask)
             x, position_ids = packing.pack(x), packing.position_ids  # (R, Lp, D), (R, Lp)
         out = self.decoder(inputs_embeds=x, mask=mask, return_layer=return_layer, position_ids=position_ids)  # Eq. 11

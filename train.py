@@ -218,8 +218,8 @@ class DualTower(nn.Module):
     def forward(self, chunks, user_masks, answer_masks, capture_layer=None):
         """chunks: the parts of one micro-batch (data.Batch each, padded to its own longest), with their masks.
         -> pooled (projected) states of both towers, rows in chunk order, before encoder.finish; and per chunk
-        (h, packing): the user tower's h at capture_layer (None when not captured), packed when packing is
-        not None."""
+        (h, packing): the user tower's h at capture_layer (None when not captured), and the Packing it is packed
+        by (False when the rows are padded)."""
         us, as_, hs = [], [], []
         for chunk, user_mask, answer_mask in zip(chunks, user_masks, answer_masks):
             user, answer = chunk.user, chunk.answer
