@@ -1,4 +1,4 @@
-"""User records, the paper's input template, batching, and an embedded synthetic user benchmark.
+"""User records, the paper's input template, and batching.
 
 What this file holds (nothing here is model code; the modality adapters live in model.py):
 - the JSONL record schema and its validation (`iter_records`, `load_records`): every bad line is an
@@ -10,9 +10,10 @@ What this file holds (nothing here is model code; the modality adapters live in 
       <tabular> … </tabular> Instruction: {query} <USER>
   tokenized with `tokenizers`; events that carry a `vector` become one `<VEC>` placeholder whose
   position and vector travel with the batch (model.py splices the adapter output in);
-- `train_tokenizer` (byte-level BPE) for the small default decoder;
-- `UserDataset`, `collate` (dynamic right padding);
-- `write_synthetic`: the embedded benchmark (six modalities over 90 days, the paper's nine tasks).
+- `UserDataset`, `collate` (dynamic right padding).
+
+The embedded synthetic benchmark is written by tools/synthetic.py, the small default decoder's tokenizer by
+tools/tiny_decoder.py.
 
 The record (one JSON object per line):
     {"user_id": "u42",
@@ -21,9 +22,6 @@ The record (one JSON object per line):
      "query": "Which offers will this user open next month?",       # optional
      "answer": "cinema tickets; food delivery",                       # needed to train
      "labels": {"movie": 1, "transit": 0}}                            # needed to probe
-
-Command line (writes the synthetic benchmark and prints a summary):
-    python data.py --out cache/synthetic --n-train 4000 --n-probe 2000 --seed 0
 """
 
 import datetime
@@ -35,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer
 
 MODALITY_ORDER = ("bill", "minipro", "spm", "app", "search", "tabular")  # paper order (App. A.1)
 TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
@@ -280,18 +278,6 @@ def load_records(path, skip_bad=False, require=(), vector_dims=None, modalities=
 # -----------------------------------------------------------------------------
 # Tokenizer
 
-def train_tokenizer(texts, vocab_size=2000, special_tokens=("<|endoftext|>", "<|pad|>")):
-    """A byte-level BPE tokenizer (GPT-2/Qwen style: every byte representable, no unknown token)
-    trained on an iterator of strings. The special tokens get the first ids."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
 def _config_token(config, key):
     """tokenizer_config.json names tokens as a string or as {"content": ...}."""
     t = config.get(key)
@@ -324,18 +310,16 @@ class Template:
       goes through the modality's adapter at one <VEC> position, so the LLM sees one position per event.
       The modality's vector width is event_dim (vectors a record brings for it must have that width and
       share the adapter).
-    - The suffix is ' Instruction: {query}' then <USER>; with no query (and no default_query) it is
-      ' Instruction:' alone. With global_token=True, <GLOBAL> is the first token (hybrid_gq).
+    - The suffix is ' Instruction: {query}' then <USER>; with no query it is ' Instruction:' alone. With global_token=True, <GLOBAL> is the first token (hybrid_gq).
     - Too long: the oldest events are dropped first, across modalities (a block whose events are all
-      dropped loses its tags too), after optional per-modality budgets (most recent `budget[m]`
-      events kept). The query and <USER> are never cut; n_cut counts the dropped events.
+      dropped loses its tags too). The query and <USER> are never cut; n_cut counts the dropped events.
     - Tags, <VEC>, <USER>, <GLOBAL> are added as special tokens when the tokenizer lacks them (new
       ids, possibly >= the checkpoint's vocab; UserEncoder trains their rows). The tokenizer object
       is modified in place; save `template.tokenizer` to keep the ids.
     """
 
     def __init__(self, tokenizer, modalities, vector_dims=None, max_len=512, global_token=False,
-                 modality_budget=None, default_query=None, max_answer_len=128, eos_token=None, pad_token=None,
+                 max_answer_len=128, eos_token=None, pad_token=None,
                  event_modalities=(), event_encoder=None, event_dim=None, preamble=""):
         config = {}
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -374,8 +358,6 @@ class Template:
                                      f"records carry {self.vector_dims[m]}-wide ones")
                 self.vector_dims[m] = event_dim
         self.max_len, self.global_token, self.max_answer_len = max_len, global_token, max_answer_len
-        self.modality_budget = dict(modality_budget or {})
-        self.default_query = default_query
 
         self.special_tokens = [t for m in self.modalities for t in (f"<{m}>", f"</{m}>")] + [VEC_TOKEN, USER_TOKEN]
         if global_token:
@@ -442,23 +424,20 @@ class Template:
         cost = [1 if i in as_event else len(ids_of[text_of[i]]) if i in text_of else 0 for i in range(len(events))]
         cost = [c + (ev.get("vector") is not None) for c, ev in zip(cost, events)]
 
-        q = record.get("query") if record.get("query") is not None else self.default_query
+        q = record.get("query")
         suffix = self._encode_texts([" Instruction:" + (" " + q if q else "")], who)[0] + [self.user_id]
         fixed = len(suffix) + int(bool(self.global_token)) + len(self.preamble_ids)
         if fixed > self.max_len:
             raise ValueError(f"{who}: query: {fixed} tokens with <USER> and the preamble, more than max_len={self.max_len}")
 
-        # newest first; per-modality budgets, then the global budget (tags counted per kept block)
+        # newest first, within the budget (tags counted per kept block)
         order = sorted(range(len(events)), key=lambda i: keys[i], reverse=True)
-        per_m, kept, blocks, total = {}, [], set(), fixed
+        kept, blocks, total = [], set(), fixed
         for i in order:
             m = events[i]["modality"]
-            if per_m.get(m, 0) >= self.modality_budget.get(m, len(events)):
-                continue
             add = cost[i] + (2 if m not in blocks else 0)
             if total + add > self.max_len:
                 break  # keep the most recent events only: nothing older than a cut event survives
-            per_m[m] = per_m.get(m, 0) + 1
             kept.append(i)
             blocks.add(m)
             total += add
@@ -592,205 +571,3 @@ def collate(examples):
         answer = Side(a_ids, a_att, a_att.sum(1) - 1, {}, {})  # EOS is the last real token
     return Batch(user, answer, [e["user_id"] for e in examples], [e["labels"] for e in examples],
                  torch.tensor([e["index"] for e in examples], dtype=torch.long))
-
-
-# -----------------------------------------------------------------------------
-# Embedded synthetic user benchmark (design notes: DATA_README section of the README)
-
-T0 = 1704067200  # 2024-01-01 00:00 UTC; history days 0..89, prediction window days 90..119
-HISTORY_DAYS, WINDOW_DAYS = 90, 30
-TOPICS = ("movie", "music", "food", "transit", "fitness", "achievement", "daily")
-# phrases per topic and modality; a bill line is '<merchant> <amount>'
-PHRASES = {
-    "movie": {"bill": ["cinema", "movie ticket"], "minipro": ["MovieTix", "CinemaPass"],
-              "spm": ["home>movies>tickets", "home>movies>showtimes"], "app": ["open movie app", "rate film"],
-              "search": ["new movies this week", "cinema near me"]},
-    "music": {"bill": ["livehouse", "music store"], "minipro": ["LiveMusic", "TicketHub"],
-              "spm": ["home>shows>concerts", "home>music>playlists"], "app": ["stream music", "follow artist"],
-              "search": ["concert tickets", "band tour dates"]},
-    "food": {"bill": ["restaurant", "food delivery"], "minipro": ["FoodGo", "TakeoutNow"],
-             "spm": ["home>food>delivery", "home>food>coupons"], "app": ["order takeout", "review restaurant"],
-             "search": ["hotpot near me", "lunch deals"]},
-    "transit": {"bill": ["metro", "bus fare"], "minipro": ["MetroPass", "BikeShare"],
-                "spm": ["home>transit>metro", "home>transit>bus"], "app": ["scan metro code", "top up transit card"],
-                "search": ["metro line map", "bus schedule"]},
-    "fitness": {"bill": ["gym", "sports store"], "minipro": ["GymClub", "RunTracker"],
-                "spm": ["home>sports>gym", "home>health>steps"], "app": ["log workout", "join step challenge"],
-                "search": ["yoga class", "running shoes"]},
-    "achievement": {"bill": ["points mall"], "minipro": ["BadgeWall", "PointsMall"],
-                    "spm": ["home>rewards>badges", "home>rewards>points"], "app": ["claim badge", "check points"],
-                    "search": ["points rewards", "level up rewards"]},
-    "daily": {"bill": ["grocery", "utilities", "phone bill", "convenience store", "mall", "electronics"],
-              "minipro": ["WeatherNow", "NewsDaily", "PayUtilities"], "spm": ["home>bills>pay", "home>wallet>balance"],
-              "app": ["check balance", "pay bill", "open news"], "search": ["weather today", "electricity bill"]},
-}
-# which modality an event of a topic lands in (bill, minipro, spm, app, search)
-SEQ_MODALITIES = ("bill", "minipro", "spm", "app", "search")
-MODALITY_P = np.array([0.3, 0.2, 0.2, 0.2, 0.1])
-BILL_AMOUNT = {"cinema": 45, "movie ticket": 40, "livehouse": 180, "music store": 60, "restaurant": 90,
-               "food delivery": 35, "metro": 4, "bus fare": 2, "gym": 80, "sports store": 150, "points mall": 20,
-               "grocery": 60, "utilities": 120, "phone bill": 50, "convenience store": 15, "mall": 300,
-               "electronics": 900}
-ANSWER_PHRASE = {"movie": "cinema tickets", "music": "concert tickets", "food": "food delivery",
-                 "transit": "metro rides", "fitness": "gym visits", "achievement": "reward badges",
-                 "daily": "daily payments"}
-# one is drawn per user; the answer does not depend on which (all ask about next month's behaviour): not the
-# paper's D_qa, whose answers are written for their query
-QUERIES = ("What will this user do next month?", "Which services will this user use next?",
-           "Summarize this user's upcoming behavior.", "Which offers will this user open next month?")
-LABEL_NOISE = 0.05
-DATES = [datetime.datetime.fromtimestamp(T0 + d * 86400, datetime.timezone.utc).strftime("%b %d")
-         for d in range(HISTORY_DAYS)]  # 'Jan 05' prefix of each day's events (2 tokens)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _synthetic_user(rng, uid):
-    """One user: latent traits -> 90 days of events -> a 30-day prediction window -> labels, answer."""
-    age = rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])  # 18-24, 25-34, 35-49, 50+
-    income = rng.normal() + 0.3 * (age in (1, 2))
-    activity = np.exp(rng.normal(0.0, 0.45))
-    churn = rng.random() < 0.3
-    commuter = rng.random() < 0.5
-    leisure = rng.normal()  # shared factor: movie and music fans overlap
-    logit = {
-        "movie": -1.0 + 0.7 * leisure + 0.4 * (age <= 1) + 0.8 * rng.normal(),
-        "music": -1.6 + 0.7 * leisure + 0.7 * (age == 0) + 0.8 * rng.normal(),
-        "food": -0.6 + 0.3 * (age <= 1) + 0.2 * income + rng.normal(),
-        "transit": -1.4 + 1.8 * commuter + 0.8 * rng.normal(),
-        "fitness": -1.2 + 0.5 * (age == 1) + 0.3 * income + rng.normal(),
-        "achievement": -1.3 + 0.6 * (age == 0) + rng.normal(),
-    }
-    p = {k: _sigmoid(v) for k, v in logit.items()}
-    # daily intensity multiplier over the history: churners fade, the others drift a little;
-    # both average about 0.9 so the event count alone says little about churn
-    x = np.arange(HISTORY_DAYS + WINDOW_DAYS) / HISTORY_DAYS
-    trend = (1.5 - 1.2 * x) if churn else (0.9 + rng.normal(0, 0.15) * (x - 0.5))
-    trend = np.clip(trend, 0.05, None)
-    weekday = np.arange(HISTORY_DAYS + WINDOW_DAYS) % 7  # 2024-01-01 is a Monday: 5, 6 = weekend
-    weekend = weekday >= 5
-    base = {k: 0.09 * p[k] for k in p}
-    base["daily"] = 0.08
-    # expected events per day for each topic: activity x trend x weekly rhythm x interest
-    leisure_w = np.where(weekend, 1.5, 1.0)
-    transit_w = np.where(weekend, 0.4, 1.2)  # commuting is a weekday thing
-    rhythm = {k: leisure_w if k in ("movie", "music", "food") else transit_w if k == "transit" else 1.0
-              for k in TOPICS}
-    R = np.stack([activity * trend * rhythm[k] * base[k] for k in TOPICS])  # (K, history + window days)
-    H = HISTORY_DAYS
-    # all history events in one set of draws: topic counts, then day by inverse CDF, modality,
-    # phrase, minute of the day, amount noise
-    n_topic = rng.poisson(R[:, :H].sum(1))  # (K,)
-    topic = np.repeat(np.arange(len(TOPICS)), n_topic)  # (n,)
-    n = len(topic)
-    cdf = np.cumsum(R[:, :H], 1)
-    cdf /= cdf[:, -1:]  # (K, H)
-    days = np.minimum((cdf[topic] < rng.random(n)[:, None]).sum(1), H - 1)  # (n,)
-    mods = np.minimum(np.searchsorted(np.cumsum(MODALITY_P), rng.random(n)), 4)
-    picks, minutes = rng.integers(1 << 30, size=n), rng.integers(7 * 60, 23 * 60, size=n)
-    noise, u = rng.normal(0, 0.4, size=n), rng.random(n)
-    big = _sigmoid(income - 1)
-    events = []
-    for k, d, mi, pk, mn, z, ui in zip(topic.tolist(), days.tolist(), mods.tolist(), picks.tolist(),
-                                       minutes.tolist(), noise.tolist(), u.tolist()):
-        m = SEQ_MODALITIES[mi]
-        choices = PHRASES[TOPICS[k]][m]
-        phrase = choices[pk % len(choices)]
-        if m == "bill":
-            if phrase in ("mall", "electronics") and ui > big:
-                phrase = "grocery"  # big-ticket merchants mostly for high incomes
-            phrase = f"{phrase} {BILL_AMOUNT[phrase] * math.exp(0.35 * income + z):.0f}"
-        events.append({"modality": m, "time": T0 + d * 86400 + mn * 60, "text": f"{DATES[d]} {phrase}"})
-    if len(events) > 40:  # bound the sequence length: keep a random subset (time order restored below)
-        events = [events[i] for i in sorted(rng.choice(len(events), 40, replace=False))]
-    if not events:  # an empty history is invalid: every user did at least one daily thing
-        d = int(rng.integers(H))
-        events.append({"modality": "bill", "time": T0 + d * 86400 + 12 * 3600,
-                       "text": f"{DATES[d]} grocery {60 * math.exp(0.35 * income):.0f}"})
-    events.sort(key=lambda e: e["time"])
-    # tabular profile: 8 noisy features, no time (static); income is seen far better here than in text
-    tab = [age / 3 + rng.normal(0, 0.3), income + rng.normal(0, 0.4), math.log(activity) + rng.normal(0, 0.3),
-           rng.uniform(0, 5), float(rng.poisson(1.5)), 0.7 * income + rng.normal(0, 0.7),
-           0.5 * logit["achievement"] + rng.normal(0, 1), rng.normal()]
-    events.append({"modality": "tabular", "vector": [round(float(v), 4) for v in tab]})
-
-    # prediction window (days 90..119): counts per topic drawn from the same rates, then labels
-    # (App. B: a label is whether the user triggers the task's target event in the window).
-    # concert: rare music events, boosted by income; login: the activity level at the *end* of the
-    # history; mau_loss: the churn trend (late vs early activity) and a low activity level;
-    # transit/food/movie/physical: a window event of that topic; power: spending, driven by income
-    # (clear in the tabular vector, faint in bill amounts); achievement: the latent interest itself,
-    # seen through reward events and one noisy tabular feature. Then 5% of labels are flipped.
-    win = {k: R[i, H:].sum() for i, k in enumerate(TOPICS)}
-    counts = {k: rng.poisson(win[k]) for k in TOPICS}
-    end_act = activity * trend[H:].mean()
-    spend = income + rng.normal(0, 0.5)
-    y = {
-        "concert": rng.random() < 1 - math.exp(-1.0 * win["music"] * (1 + 0.3 * (income > 0))),
-        "login": rng.random() < 1 - math.exp(-2.0 * end_act),
-        "mau_loss": rng.random() < _sigmoid(-2.0 + 4.0 * churn - 0.8 * math.log(activity)),
-        "transit": counts["transit"] > 0,
-        "power": spend > 0.6,
-        "food": counts["food"] > 0,
-        "movie": counts["movie"] > 0,
-        "achievement": rng.random() < _sigmoid(2.0 * logit["achievement"] + 1.2),
-        "physical": counts["fitness"] > 0,
-    }
-    labels = {t: int(y[t]) ^ int(rng.random() < LABEL_NOISE) for t in TASKS}
-    top = sorted((k for k in TOPICS if counts[k] > 0), key=lambda k: (-counts[k], TOPICS.index(k)))[:3]
-    answer = "next month: " + ("; ".join(ANSWER_PHRASE[k] for k in top) if top else "inactive")
-    answer += "; spending " + ("high" if spend > 0.6 else "low" if spend < -0.6 else "medium")
-    query = QUERIES[rng.integers(len(QUERIES))]
-    return {"user_id": uid, "events": events, "query": query, "answer": answer, "labels": labels}
-
-
-def write_synthetic(out_dir, n_train=4000, n_probe=2000, seed=0):
-    """Writes train.jsonl (events, query, answer) and probe.jsonl (plus labels). Deterministic per
-    seed (one numpy Generator, fixed key order). Returns (train_path, probe_path)."""
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for name, n, prefix, keep_labels in (("train.jsonl", n_train, "t", False), ("probe.jsonl", n_probe, "p", True)):
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(n):
-                rec = _synthetic_user(rng, f"{prefix}{i:06d}")
-                if not keep_labels:
-                    del rec["labels"]
-                f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        os.replace(tmp, path)  # no half-written file under the final name
-        paths.append(path)
-    return tuple(paths)
-
-
-def record_texts(records, answers=True, preamble=""):
-    """Every event text, query and (unless answers=False) answer, spelled as the template spells them
-    (' text;' with the leading space), and the template's preamble once per record, so BPE merges learned from
-    this corpus are the ones the template uses."""
-    for rec in records:
-        if preamble:
-            yield preamble
-        for ev in rec["events"]:
-            if ev.get("text") is not None:
-                yield event_piece(ev["text"])
-        yield " Instruction:" + (" " + rec["query"] if rec.get("query") else "")
-        if answers and rec.get("answer"):
-            yield rec["answer"]
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="write the synthetic user benchmark")
-    ap.add_argument("--out", default="cache/synthetic")
-    ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-probe", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    train_path, probe_path = write_synthetic(args.out, args.n_train, args.n_probe, args.seed)
-    probe, report = load_records(probe_path, require=("labels",))
-    print(report)
-    for t in TASKS:
-        print(f"{t:12s} positive rate {np.mean([r['labels'][t] for r in probe]):.3f}")

@@ -40,20 +40,15 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-import cache
+import checkpoint as ckpt
 import data
-import ggsm
 import model
 
-# The paper's task order (Table 2 columns); must equal data.TASKS (a test checks it). Kept here so
-# the numeric part of the probe imports NumPy only.
-PAPER_TASKS = ("concert", "login", "mau_loss", "transit", "power", "food", "movie", "achievement", "physical")
 # paper [probe]: linear probing, ROC-AUC, nothing else specified; the protocol above is this project's
 TEST_FRAC = 0.5  # share of the probe users held out as test users (module docstring)
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # log grid of scikit-learn-style C
@@ -313,7 +308,7 @@ def split_users(user_ids, test_frac=None, salt="probe") -> np.ndarray:
 def task_order(names):
     """The paper's task order, then any other task names sorted."""
     names = set(names)
-    return [t for t in PAPER_TASKS if t in names] + sorted(names - set(PAPER_TASKS))
+    return [t for t in data.TASKS if t in names] + sorted(names - set(data.TASKS))
 
 
 def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5, seed=0,
@@ -500,121 +495,21 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: the run spec, and rebuilding the encoder that train.py trained (train.py imports these too)
-
-
-@dataclass
-class RunSpec:
-    """What rebuilds an encoder. train.py writes it into checkpoint/state.json (to_dict); probe.py and a
-    resumed run read it back (from_dict), which names any missing or unexpected field."""
-    base_model: str                  # Hugging Face folder (absolute path)
-    modalities: list                 # the template's block order
-    vector_dims: dict                # modality -> feature width of its `vector` events
-    mask: str = "causal"             # a key of ggsm.STRATEGIES
-    total_steps: int = 1             # the strategy's T_total and T_warm (optimizer steps)
-    warmup_steps: int = 0
-    mask_options: dict = field(default_factory=dict)  # further keyword arguments of the strategy class
-    dtype: str = "float32"           # the base weights' dtype on load
-    lora: dict = None                # {"r", "alpha", "dropout", "targets"}; None: the base stays frozen
-    max_len: int = 256               # user-side token budget
-    answer_max_len: int = 48         # answer-side token budget
-    pooling: str = "token"           # model.UserEncoder pooling
-    projector: list = None           # dims after the hidden size, or None
-    standardize: bool = False        # model.UserEncoder per-tower standardisation
-    event_modalities: list = field(default_factory=list)  # modalities in the event-level form (data.Template)
-    preamble: str = ""               # the template's opening sentence (e.g. data.PREAMBLE, App. A.1); "" for none
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d, where="spec"):
-        names = [f.name for f in fields(cls)]
-        d = {"event_modalities": [], "preamble": "", **d}  # saved before these fields: text form, no preamble
-        missing, unexpected = [k for k in names if k not in d], sorted(k for k in d if k not in names)
-        if missing or unexpected:
-            raise ValueError(f"{where}: missing fields {missing}, unexpected fields {unexpected}")
-        if d["mask"] not in ggsm.STRATEGIES:
-            raise ValueError(f"{where}: unknown mask strategy {d['mask']!r}, expected one of {list(ggsm.STRATEGIES)}")
-        return cls(**d)
-
-
-def build_encoder(spec, device="cpu"):
-    """Decoder (+ LoRA) + UserEncoder + Template + strategy from a RunSpec."""
-    decoder = model.Decoder.from_pretrained(spec.base_model, dtype=getattr(torch, spec.dtype), device=device)
-    cfg = decoder.config
-    strategy_cls = ggsm.STRATEGIES[spec.mask]
-    events = {}
-    if spec.event_modalities:  # one position per event: the frozen base embeddings pooled, then the adapter
-        events = dict(event_modalities=spec.event_modalities, event_encoder=model.frozen_token_mean(decoder),
-                      event_dim=cfg.hidden_size)
-    template = data.Template(os.path.join(spec.base_model, "tokenizer.json"), spec.modalities, spec.vector_dims,
-                             max_len=spec.max_len, global_token=strategy_cls.global_token,
-                             max_answer_len=spec.answer_max_len, preamble=spec.preamble, **events)
-    if spec.lora:
-        lora = spec.lora
-        model.add_lora(decoder, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
-    else:
-        decoder.requires_grad_(False)
-    projector = [cfg.hidden_size] + list(spec.projector) if spec.projector else None
-    encoder = model.UserEncoder(decoder, template.special_token_ids, template.vector_dims,  # + event-form widths
-                                pooling=spec.pooling, projector_dims=projector, standardize=spec.standardize).to(device)
-    strategy = strategy_cls(total_steps=spec.total_steps, warmup_steps=spec.warmup_steps, n_layers=cfg.num_hidden_layers,
-                            hidden_size=cfg.hidden_size, n_heads=cfg.num_attention_heads,
-                            **{"segment": "all", **spec.mask_options})  # saved before the option: every future key
-    if strategy.module is not None:
-        strategy.module.to(device)
-    return encoder, template, strategy
-
-
-def trainable_tensors(encoder, strategy):
-    """Everything a run learned, once each, as (named tensors for safetensors, JSON-able strategy state)."""
-    tensors = {"encoder." + k: v.detach().contiguous() for k, v in encoder.trainable_state_dict().items()}
-    plain = {}
-    for k, v in strategy.state_dict().items():
-        if torch.is_tensor(v):
-            tensors["strategy." + k] = v.detach().contiguous()
-        else:
-            plain[k] = v
-    return tensors, plain
-
-
-def load_trainable(encoder, strategy, tensors, plain):
-    """Inverse of trainable_tensors. Both loaders are strict: a missing, unexpected or mis-shaped tensor names itself."""
-    pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    unknown = sorted(k for k in tensors if not k.startswith(("encoder.", "strategy.")))
-    if unknown:
-        raise ValueError(f"checkpoint tensors do not match the model: unexpected {unknown[:5]}")
-    encoder.load_trainable_state_dict(pick("encoder."))
-    strategy.load_state_dict({**plain, **pick("strategy.")})
-
-
-def load_checkpoint(checkpoint_dir, device="cpu"):
-    """-> encoder, template, strategy, state (state.json; its "spec" as a RunSpec)."""
-    with open(os.path.join(checkpoint_dir, "state.json")) as f:
-        state = json.load(f)
-    state["spec"] = RunSpec.from_dict(state["spec"], where=os.path.join(checkpoint_dir, "state.json"))
-    encoder, template, strategy = build_encoder(state["spec"], device)
-    load_trainable(encoder, strategy, load_file(os.path.join(checkpoint_dir, "trainable.safetensors"), device=str(device)),
-                   state["strategy"])
-    return encoder, template, strategy, state
-
-
-def embed_records(encoder, template, strategy, records, device, batch_size=64):
-    """Embeddings (N, E) of records in file order, under the strategy's inference mask. Users are batched
-    by length (less padding); the result does not depend on the batching (tests/test_probe.py)."""
-    return embed_dataset(encoder, data.UserDataset(records, template, with_answer=False), strategy, device, batch_size)
-
-
 def embed_dataset(encoder, ds, strategy, device, batch_size=64):
-    """embed_records on an encoded dataset (data.UserDataset, or cache.EncodedDataset read from a cache folder)."""
+    """Embeddings (N, E) of an encoded dataset (data.UserDataset, or tools/cache.py's EncodedDataset) in its order,
+    under the strategy's inference mask. Users are batched by length (less padding); the result does not depend
+    on the batching (tests/test_probe.py)."""
     order = np.argsort(ds.lengths, kind="stable")
     batches = [data.collate([ds[int(j)] for j in order[i:i + batch_size]]) for i in range(0, len(ds), batch_size)]
     emb = embed_users(encoder, batches, strategy.inference_mask, device)
     out = np.empty_like(emb)
     out[order] = emb
     return out
+
+
+def embed_records(encoder, template, strategy, records, device, batch_size=64):
+    """embed_dataset of records (dicts) encoded in memory, in their order."""
+    return embed_dataset(encoder, data.UserDataset(records, template, with_answer=False), strategy, device, batch_size)
 
 
 def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
@@ -631,16 +526,12 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
     file:line (or records[i]); skip_bad=True skips such lines of a file instead (reported on stderr), so the
     rows then follow the records kept. device: a torch device (default: cuda when available, else cpu)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
-        raise FileNotFoundError(f"encode: {checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
-    encoder, template, strategy, state = load_checkpoint(checkpoint_dir, device)
-    model.merge_lora(encoder)  # W + (alpha / r) B A once, as probe.py --checkpoint: the same function, cheaper
+    encoder, template, strategy, state = load(checkpoint_dir, device, "encode")
     spec = state["spec"]
     if isinstance(records, (str, os.PathLike)):
-        path = os.fspath(records)
-        records, report = data.load_records(path, skip_bad=skip_bad, vector_dims=spec.vector_dims,
+        where = os.fspath(records)
+        records, report = data.load_records(where, skip_bad=skip_bad, vector_dims=spec.vector_dims,
                                             modalities=spec.modalities)
-        where = path
     else:
         checked, dims = [], dict(spec.vector_dims)
         for i, rec in enumerate(records):
@@ -662,12 +553,17 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
     return embed_records(encoder, template, strategy, records, device, batch_size)
 
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def load(checkpoint_dir, device, who):
+    """A run's checkpoint folder -> (encoder with LoRA merged, template, strategy, state): ready to embed."""
+    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
+        raise FileNotFoundError(f"{who}: {checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
+    encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, device)
+    model.merge_lora(encoder)  # W + (alpha / r) B A once: the same function, cheaper to run
+    return encoder, template, strategy, state
+
+
+# -----------------------------------------------------------------------------
+# the results table: the trained row, the Oracle row, their paired difference
 
 
 def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None, test_frac=None):
@@ -697,66 +593,46 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, b
         print(f"{name} - {baseline[0]}: {result['delta']['mean_auc']:+.4f} mean AUC "
               f"(paired bootstrap SE over test users {result['delta']['se']:.4f})")
     if out:
-        write_json(out, result)
+        ckpt.write_json(out, result)
     return result
 
 
-def probe_records(encoder, template, strategy, records, device, name, checkpoint=None, out=None, export=None,
-                  batch_size=64, seed=0, baseline=None, test_frac=None):
-    """Embed labelled records under the strategy's inference mask, optionally export, probe and report."""
-    emb = embed_records(encoder, template, strategy, records, device, batch_size)
-    if export:
-        save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac)
-
-
-def oracle_spec(spec):
-    """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
-    rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
-    return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
-                   answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
-
-
-def cached_probe_set(data_path, cache_root, template, skip_bad=False):
-    """The labelled users of data_path as a cache.EncodedDataset under cache_root (encoded once per template)."""
-    fingerprint = cache.template_fingerprint(template)
-    folder = cache.ensure(data_path, cache_root, {"template": fingerprint}, lambda report: template, require=("labels",),
-                          skip_bad=skip_bad, with_answer=False, log=lambda m: print(m, file=sys.stderr))
-    return cache.EncodedDataset(folder, template)
+def labelled_users(data_path, template, cache_root=None, skip_bad=False):
+    """-> (dataset, records: user ids and labels) of the labelled users of data_path, encoded by template: from
+    an encoded cache under cache_root (tools/cache.py; built on first use, one per template) or, with cache_root
+    None, read in memory; the embeddings are the same. The event form is read in memory (the cache holds token
+    ids, the event form vectors of the base model's embeddings)."""
+    if cache_root is None or template.event_modalities:
+        records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+        ds = data.UserDataset(records, template, with_answer=False)
+    else:
+        from tools import cache  # reading the users from disk is a tool's job, not the probe's
+        folder = cache.ensure(data_path, cache_root, {"template": cache.template_fingerprint(template)},
+                              lambda report: template, require=("labels",), skip_bad=skip_bad, with_answer=False,
+                              log=lambda m: print(m, file=sys.stderr))
+        ds = cache.EncodedDataset(folder, template)
+        records, report = ds.records(), cache.read_report(folder)
+    if report.n_bad:
+        print(f"warning: {report}", file=sys.stderr)
+    return ds, records
 
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
-        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None):
+        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None, test_frac=None):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
-    baseline_spec (e.g. oracle_spec(run's spec)), that untrained encoder is probed on the same users too,
-    as the "oracle" row with the paired difference. cache_root: read the users from an encoded cache there
-    (cache.py; built on first use) instead of encoding the file in memory; the embeddings are the same."""
-    if cache_root is None or template.event_modalities:  # the cache holds the text form only
-        records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
-        if report.n_bad:
-            print(report, file=sys.stderr)
-        embed = lambda e, t, s: embed_records(e, t, s, records, device, batch_size)  # noqa: E731
-    else:
-        sets = {}  # one cache per template (the Oracle's may differ: no <GLOBAL>)
-
-        def dataset(t):
-            if id(t) not in sets:
-                sets[id(t)] = cached_probe_set(data_path, cache_root, t, skip_bad)
-            return sets[id(t)]
-        embed = lambda e, t, s: embed_dataset(e, dataset(t), s, device, batch_size)  # noqa: E731
-        records = dataset(template).records()  # user ids and labels only: what report_probe reads
-        report = cache.read_report(dataset(template).folder)
-        if report.n_bad:
-            print(report, file=sys.stderr)
+    baseline_spec (e.g. checkpoint.oracle_spec(run's spec)), that untrained encoder is probed on the same users
+    too, as the "oracle" row with the paired difference. cache_root: see labelled_users."""
+    ds, records = labelled_users(data_path, template, cache_root, skip_bad)
     baseline = None
     if baseline_spec is not None:
         torch.manual_seed(seed)  # the untrained adapters' init, as probe.py --model --seed
-        b_encoder, b_template, b_strategy = build_encoder(baseline_spec, device)
-        baseline = ("oracle", embed(b_encoder, b_template, b_strategy))
-    emb = embed(encoder, template, strategy)
+        b_encoder, b_template, b_strategy = ckpt.build_encoder(baseline_spec, device)
+        b_ds = labelled_users(data_path, b_template, cache_root, skip_bad)[0]  # its own tokens: no <GLOBAL>, say
+        baseline = ("oracle", embed_dataset(b_encoder, b_ds, b_strategy, device, batch_size))
+    emb = embed_dataset(encoder, ds, strategy, device, batch_size)
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    return report_probe(emb, records, name, out, checkpoint, seed, baseline)
+    return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac)
 
 
 def main(argv=None):
@@ -770,9 +646,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="probe.json to write")
     p.add_argument("--export", default=None, help="also write the embeddings (with user ids) to this .safetensors")
     p.add_argument("--export-peft", default=None, metavar="OUT",
-                   help="with --checkpoint: write a PEFT LoRA adapter folder (export.py)")
+                   help="with --checkpoint: write a PEFT LoRA adapter folder (tools/export.py)")
     p.add_argument("--export-merged", default=None, metavar="OUT",
-                   help="with --checkpoint: write a Hugging Face folder with the LoRA merged (export.py)")
+                   help="with --checkpoint: write a Hugging Face folder with the LoRA merged (tools/export.py)")
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
@@ -781,97 +657,53 @@ def main(argv=None):
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
     p.add_argument("--data-cache", default=None, metavar="DIR|off",
-                   help="where --data is tokenized once and memory-mapped by later runs (cache.py); default: an "
+                   help="where --data is tokenized once and memory-mapped by later runs (tools/cache.py); default: an "
                         "'encoded' folder beside it; 'off': read and encode it in memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
-    if args.export_peft or args.export_merged:
-        if not args.checkpoint:
-            sys.exit("error: --export-peft / --export-merged need --checkpoint")
-        if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
-            sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
-        import export  # export.py imports this file: imported here, not at the top
-        for out, write in ((args.export_peft, export.export_peft), (args.export_merged, export.export_merged)):
-            if out:
-                try:
-                    desc = write(args.checkpoint, out)
-                except ValueError as e:
-                    sys.exit(f"error: {e}")
-                print(f"wrote {out} ({desc['load']['how']})", file=sys.stderr)
-        if args.data is None:
-            return None
-    if args.data is None:
-        sys.exit("error: --data is required (labelled JSONL), unless only exporting with --export-peft / --export-merged")
-    if not os.path.isfile(args.data):
-        sys.exit(f"error: --data {args.data}: no such file")
-    cached = args.data_cache != "off" and not args.embeddings
-    root = os.path.join(os.path.dirname(os.path.abspath(args.data)), "encoded") if args.data_cache is None else args.data_cache
-    if not cached:
-        try:
-            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-    if args.embeddings:
-        emb, ids, meta = load_embeddings(args.embeddings)
-        pos = {u: i for i, u in enumerate(ids)}
-        missing = [r["user_id"] for r in records if r["user_id"] not in pos]
-        if missing:
-            sys.exit(f"error: {args.embeddings}: no embedding for users {missing[:5]} of {args.data}")
-        emb = emb[[pos[r["user_id"]] for r in records]]
-        return report_probe(emb, records, args.name or meta.get("mask", "embeddings"), args.out, meta.get("checkpoint"),
-                            args.seed, test_frac=args.test_frac)
-    torch.manual_seed(args.seed)
-    folder = None
-    if args.checkpoint:
-        if not os.path.isfile(os.path.join(args.checkpoint, "state.json")):
-            sys.exit(f"error: --checkpoint {args.checkpoint}: no state.json (expected RUN_DIR/checkpoint)")
-        encoder, template, strategy, state = load_checkpoint(args.checkpoint, args.device)
-        model.merge_lora(encoder)  # W + (alpha / r) B A once: the same function, cheaper to run
-        name = args.name or state["spec"].mask
-    else:
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
-            sys.exit(f"error: --model {args.model}: no config.json")
-        if cached:  # the template's modalities are the file's: the cache's validation pass finds them
-            tok_path = os.path.join(args.model, "tokenizer.json")
-            settings = {"tokenizer_sha256": cache.file_sha256(tok_path), "max_len": args.max_len, "modalities": "the file's",
-                        "preamble": args.preamble}
-            make = lambda rep: data.Template(tok_path, rep.modalities, rep.vector_dims, max_len=args.max_len,  # noqa: E731
-                                             max_answer_len=RunSpec.answer_max_len, preamble=args.preamble)  # = build_encoder's, checked below
-            try:
-                folder = cache.ensure(args.data, root, settings, make, require=("labels",), skip_bad=args.skip_bad,
-                                      with_answer=False, log=lambda m: print(m, file=sys.stderr))
-            except ValueError as e:
-                sys.exit(f"error: {e}")
-            report = cache.read_report(folder)
-        # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
-        spec = RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
-                       preamble=args.preamble)
-        encoder, template, strategy = build_encoder(spec, args.device)
-        name = args.name or "oracle"
-    if cached and template.event_modalities:  # the cache holds the text form only (a checkpoint in event form)
-        print("--data-cache: the encoded cache holds the text form only; reading the data in memory", file=sys.stderr)
-        cached = False
-        try:
-            records, report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-    if not cached:
-        return probe_records(encoder, template, strategy, records, args.device, name, args.checkpoint, args.out,
-                             args.export, args.batch_size, args.seed, test_frac=args.test_frac)
     try:
-        ds = cache.EncodedDataset(folder, template) if folder else cached_probe_set(args.data, root, template, args.skip_bad)
-    except ValueError as e:
+        if args.export_peft or args.export_merged:
+            if not args.checkpoint:
+                sys.exit("error: --export-peft / --export-merged need --checkpoint")
+            from tools import export  # writing other libraries' formats is a tool's job
+            for out, write in ((args.export_peft, export.export_peft), (args.export_merged, export.export_merged)):
+                if out:
+                    print(f"wrote {out} ({write(args.checkpoint, out)['load']['how']})", file=sys.stderr)
+            if args.data is None:
+                return None
+        if args.data is None:
+            sys.exit("error: --data is required (labelled JSONL), unless only exporting with --export-peft / --export-merged")
+        if not os.path.isfile(args.data):
+            sys.exit(f"error: --data {args.data}: no such file")
+        if args.embeddings:
+            records, _ = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))
+            emb, ids, meta = load_embeddings(args.embeddings)
+            pos = {u: i for i, u in enumerate(ids)}
+            missing = [r["user_id"] for r in records if r["user_id"] not in pos]
+            if missing:
+                sys.exit(f"error: {args.embeddings}: no embedding for users {missing[:5]} of {args.data}")
+            return report_probe(emb[[pos[r["user_id"]] for r in records]], records,
+                                args.name or meta.get("mask", "embeddings"), args.out, meta.get("checkpoint"),
+                                args.seed, test_frac=args.test_frac)
+        torch.manual_seed(args.seed)
+        if args.checkpoint:
+            encoder, template, strategy, state = load(args.checkpoint, args.device, "--checkpoint")
+            name = args.name or state["spec"].mask
+        else:  # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
+            if not os.path.isfile(os.path.join(args.model, "config.json")):
+                sys.exit(f"error: --model {args.model}: no config.json")
+            report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))[1]  # the modalities
+            spec = ckpt.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
+                                preamble=args.preamble)
+            encoder, template, strategy = ckpt.build_encoder(spec, args.device)
+            name = args.name or "oracle"
+        root = None if args.data_cache == "off" else args.data_cache or \
+            os.path.join(os.path.dirname(os.path.abspath(args.data)), "encoded")
+        return run(encoder, template, strategy, args.data, args.device, name, args.checkpoint, args.out, args.skip_bad,
+                   args.batch_size, args.export, args.seed, cache_root=root, test_frac=args.test_frac)
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    rep = cache.read_report(ds.folder)
-    if rep.n_bad:  # said while building; said again when the cache is reused
-        print(f"warning: {rep}", file=sys.stderr)
-    records = ds.records()  # user ids and labels: what report_probe reads
-    emb = embed_dataset(encoder, ds, strategy, args.device, args.batch_size)
-    if args.export:
-        save_embeddings(args.export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": args.checkpoint})
-    return report_probe(emb, records, name, args.out, args.checkpoint, args.seed, test_frac=args.test_frac)
 
 
 if __name__ == "__main__":
     main()
-

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 import data
 import ggsm
 import model
-import probe
+import checkpoint as ckpt
 
 # The HF module the exports are written for: AutoModel on a *ForCausalLM checkpoint gives the bare decoder
 # (Qwen2Model, LlamaModel, ...), whose parameter names are ours without the leading "model.".
@@ -212,7 +212,7 @@ def export_peft(checkpoint_dir, out):
     user_encoder.json dict. The template's token rows become peft's trainable_token_indices (peft stores the
     rows themselves, not differences). Ids beyond the base vocabulary need the base's embedding resized first
     (user_encoder.json: "resize_token_embeddings")."""
-    encoder, template, strategy, state = probe.load_checkpoint(checkpoint_dir, "cpu")
+    encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, "cpu")
     spec = state["spec"]
     if not spec.lora:
         raise ValueError(f"{checkpoint_dir}: this run trained no LoRA (spec.lora is empty); use --export-merged")
@@ -251,7 +251,7 @@ def export_merged(checkpoint_dir, out):
     """A Hugging Face folder: LoRA merged into the base weights, the template's token rows written into the
     embedding (grown to the largest id + 1 where they lie beyond it; an untied lm_head gets zero rows there),
     tokenizer.json with the template's tokens. Returns its user_encoder.json dict."""
-    encoder, template, strategy, state = probe.load_checkpoint(checkpoint_dir, "cpu")
+    encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, "cpu")
     spec = state["spec"]
     kind, table = mask_rule(strategy, spec.max_len)
     dec = encoder.decoder

@@ -1,9 +1,9 @@
 """Mask ablation: the paper's Table 2 in miniature, every strategy x several seeds, with confidence intervals.
 
-    python ablate.py                                  # embedded benchmark, 8 strategies x 3 seeds -> runs/ablation/
-    python ablate.py --seeds 0,1,2,3,4 --steps 200    # more seeds / longer runs
-    python ablate.py --model DIR --data train.jsonl --probe-data probe.jsonl --out results/
-    python ablate.py --quick                          # tiny sizes, a minute on a laptop (what the tests run)
+    python -m tools.ablate                                  # embedded benchmark, 8 strategies x 3 seeds -> runs/ablation/
+    python -m tools.ablate --seeds 0,1,2,3,4 --steps 200    # more seeds / longer runs
+    python -m tools.ablate --model DIR --data train.jsonl --probe-data probe.jsonl --out results/
+    python -m tools.ablate --quick                          # tiny sizes, a minute on a laptop (what the tests run)
 
 Every strategy trains with identical data, base decoder, hyper-parameters and seeds (train.py's own loop, one
 process); only --mask differs. "oracle" is the untrained base under the causal mask (the paper's Oracle row).
@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+import checkpoint as ckpt
 import data
 import ggsm
 import probe
@@ -75,7 +76,7 @@ def run_one(strategy, seed, args, base_argv, out):
     if strategy == "oracle":
         probe.main(["--model", base_argv["model"], "--data", base_argv["probe"], "--out", done,
                     "--seed", str(seed), "--name", "oracle"])
-    elif train.find_checkpoint(run_dir):  # interrupted mid-training: continue it
+    elif ckpt.find_checkpoint(run_dir):  # interrupted mid-training: continue it
         train.main(["--out", run_dir, "--resume"])
     else:
         train.main(["--model", base_argv["model"], "--data", base_argv["train"], "--probe-data", base_argv["probe"],
@@ -84,7 +85,7 @@ def run_one(strategy, seed, args, base_argv, out):
     with open(done) as f:
         result = json.load(f)
     result["wall_s"] = time.time() - t0
-    probe.write_json(done, result)
+    ckpt.write_json(done, result)
     return result
 
 
@@ -183,7 +184,7 @@ def plot(out, strategies, seeds, schedule_info):
         ax2.plot(x2, g, label=s, lw=1.0)
         stability[s] = {"loss_window_std_mean": float(spread.mean()), "grad_norm_max": float(g.max()),
                         "grad_norm_median": float(np.median(g))}
-    ax1.set_ylabel(f"loss std over a sliding window")
+    ax1.set_ylabel("loss std over a sliding window")
     ax2.set_ylabel("gradient norm (pre-clip)")
     ax2.set_xlabel("optimizer step")
     ax1.legend(fontsize=8, ncol=3)
@@ -212,21 +213,13 @@ def main(argv=None):
     steps = args.steps or (4 if args.quick else None)
     targs = train.get_args(size + extra + (["--steps", str(steps)] if steps else []))
 
-    # the data and the base decoder are made once and shared by every run
-    train_path, probe_path = args.data, args.probe_data
-    if train_path is None:
-        syn = os.path.join(out, "data")
-        if not os.path.isfile(os.path.join(syn, "probe.jsonl")):
-            data.write_synthetic(syn, targs.synthetic_train, targs.synthetic_probe, seed=targs.data_seed)
-        train_path, probe_path = os.path.join(syn, "train.jsonl"), probe_path or os.path.join(syn, "probe.jsonl")
+    # the data and the base decoder are made once (train.py's own setup) and shared by every run
+    targs.cache, targs.data, targs.probe_data, targs.model = out, args.data, args.probe_data, args.model
+    train_path, probe_path = train.prepare_paths(targs, False, True, print)
     if probe_path is None:
         sys.exit("error: --probe-data is needed with --data")
-    model_dir = args.model
-    if model_dir == "tiny":
-        model_dir = os.path.join(out, "tiny-decoder")
-        if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-            records, report = data.load_records(train_path, require=("answer",))
-            train.build_tiny_decoder(targs, records, report, model_dir, torch.device("cpu"), print)
+    model_dir = train.prepare_model(targs, lambda: train.load_train_records(targs, train_path, print), train_path,
+                                    False, True, torch.device("cpu"), print)
     base = {"model": model_dir, "train": train_path, "probe": probe_path,
             "extra": size + extra + (["--steps", str(steps)] if steps else [])}
 
@@ -244,7 +237,7 @@ def main(argv=None):
                "stability": stability, "wall_s": time.time() - t_start,
                "runs": {f"{s}-seed{k}": r for (s, k), r in results.items()},
                "settings": {"model": model_dir, "data": train_path, "probe_data": probe_path, "train_args": base["extra"]}}
-    probe.write_json(os.path.join(out, "results.json"), summary)
+    ckpt.write_json(os.path.join(out, "results.json"), summary)
     print(text)
     print(f"ablation written to {out} in {time.time() - t_start:.0f}s")
     return summary

@@ -7,8 +7,7 @@ every later run, every rank of a torchrun job and the probe memory-map instead o
 
 Why: data.UserDataset keeps every record as Python dicts and encodes them one user at a time (about 100 s and
 2-3 GB per 100,000 users, repeated by every rank and every run). Here one pass validates the file line by line
-(data.parse_line + data.validate_record: the checks and file:line errors of data.iter_records; one process per CPU
-on a large file, each on its own byte range), keeps the events as flat arrays, tokenizes each distinct event text,
+(data.parse_line + data.validate_record: the checks and file:line errors of data.iter_records), keeps the events as flat arrays, tokenizes each distinct event text,
 query and answer once with the tokenizer's batch API, then applies the template (preamble, block order, the
 oldest-first truncation to max_len, tags, <VEC> placeholders, <USER>, answer + EOS) with vectorised numpy over a
 chunk of users at a time. This restates data.Template.encode_user; every build re-encodes a few users with
@@ -41,29 +40,20 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
 from array import array
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
 
 import data
+from checkpoint import file_sha256
 
 FORMAT = 2             # bump when the layout or the encoding changes: old folders are then not reused
 CHUNK_USERS = 20_000   # users encoded at once: bounds the numpy temporaries (about 1 KB per event)
 N_CHECK = 8            # the first and last N_CHECK users of every build are re-encoded by data.Template and compared
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def template_fingerprint(template):
@@ -72,8 +62,7 @@ def template_fingerprint(template):
     return {"tokenizer_sha256": hashlib.sha256(template.tokenizer.to_str().encode()).hexdigest(),
             "modalities": list(template.modalities), "vector_dims": dict(template.vector_dims),
             "max_len": template.max_len, "max_answer_len": template.max_answer_len,
-            "global_token": bool(template.global_token), "modality_budget": dict(template.modality_budget),
-            "default_query": template.default_query, "eos_id": template.eos_id, "pad_id": template.pad_id,
+            "global_token": bool(template.global_token), "eos_id": template.eos_id, "pad_id": template.pad_id,
             "special_token_ids": list(template.special_token_ids), "preamble_ids": list(template.preamble_ids),
             "event_modalities": list(template.event_modalities)}
 
@@ -87,12 +76,11 @@ def _diff(want, have):
 # -----------------------------------------------------------------------------
 # finding or building a cache
 
-def ensure(path, root, settings, make_template, require=(), skip_bad=False, with_answer=True, log=print, workers=None):
+def ensure(path, root, settings, make_template, require=(), skip_bad=False, with_answer=True, log=print):
     """-> the cache folder of `path` under `root`, built first when missing.
     settings: JSON-able, everything that decides make_template's result besides the file (e.g. the tokenizer
     file's hash and the template options). make_template(report) -> the data.Template to encode with; it gets the
-    LoadReport of the validation pass (modalities and vector widths of the file). workers: processes validating
-    parts of the file (see collect)."""
+    LoadReport of the validation pass (modalities and vector widths of the file)."""
     key = {"format": FORMAT, "file_sha256": file_sha256(path), "require": sorted(require), "skip_bad": bool(skip_bad),
            "with_answer": bool(with_answer), "settings": settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -107,7 +95,7 @@ def ensure(path, root, settings, make_template, require=(), skip_bad=False, with
                              "(delete the folder to rebuild it)")
         return folder
     log(f"encoding {path} into {folder} (once; later runs memory-map it)")
-    build(path, folder, key, make_template, require, skip_bad, with_answer, workers=workers)
+    build(path, folder, key, make_template, require, skip_bad, with_answer)
     return folder
 
 
@@ -210,24 +198,6 @@ def _scan(job):
     return {"c": c, "report": report, "head": head, "tail": tail}
 
 
-def _parts(path, n):
-    """n scan jobs over byte ranges of the file that start at line starts, with their first line numbers."""
-    size = os.path.getsize(path)
-    bounds = [0]
-    with open(path, "rb") as f:
-        for k in range(1, n):
-            f.seek(max(bounds[-1], size * k // n))
-            f.readline()  # on to the start of the next line
-            bounds.append(min(f.tell(), size))
-        bounds.append(size)
-        lines, pos = [1], 0
-        f.seek(0)
-        for b in bounds[1:-1]:  # newlines before each bound: the first line number of each part
-            lines.append(lines[-1] + f.read(b - pos).count(b"\n"))
-            pos = b
-    return [{"path": path, "start": a, "stop": b, "first_line": l} for a, b, l in zip(bounds, bounds[1:], lines) if b > a]
-
-
 def _merge(parts):
     """The parts' collections as one (numpy arrays, string tables as lists in code order), the report as one pass
     over the whole file would give it, and the check sample with global user numbers. Codes are remapped: each
@@ -272,31 +242,13 @@ def _merge(parts):
     return m, report, sample[:N_CHECK] + sample[-N_CHECK:] if len(sample) > 2 * N_CHECK else sample
 
 
-def collect(path, skip_bad=False, require=(), workers=None):
-    """The validation pass: -> (merged collection, LoadReport, check sample). With several workers (default: one per
-    CPU and 32 MiB of file, with 4 CPUs or more) each validates a byte range of the file in its own process; when a part fails, or
-    parts disagree on a modality's vector width (the first one in the file sets it), the file is validated again in
-    one pass, so that errors and skipped lines are exactly those of data.iter_records."""
-    if workers is None:
-        # measured on a loaded 2-core machine, 100,000 users: 2 workers 26 s, 1 worker 18 s (each worker imports
-        # torch and sends its part back): parallel only from 4 CPUs on
-        cpus = os.cpu_count() or 1
-        workers = 1 if cpus < 4 else max(1, min(cpus, os.path.getsize(path) // (32 << 20)))
-    jobs = [dict(j, skip_bad=skip_bad, require=tuple(require)) for j in _parts(path, workers)]
-    results = None
-    if len(jobs) > 1:
-        # spawn: safe next to torch threads and gloo; an executor, not a Pool: a worker that dies raises here
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_scan, jobs))
-        dims = {}
-        if any("error" in r for r in results) or any(dims.setdefault(mod, d) != d for r in results
-                                                      for mod, d in r["report"].vector_dims.items()):
-            results = None
-    if results is None:
-        results = [_scan(dict(jobs[0], stop=os.path.getsize(path), first_line=1, start=0))]
-        if "error" in results[0]:
-            raise ValueError(results[0]["error"])
-    m, report, sample = _merge(results)
+def collect(path, skip_bad=False, require=()):
+    """The validation pass, line by line in file order: -> (collection as numpy arrays, LoadReport, check sample)."""
+    r = _scan({"path": path, "start": 0, "stop": os.path.getsize(path), "first_line": 1, "skip_bad": skip_bad,
+               "require": tuple(require)})
+    if "error" in r:
+        raise ValueError(r["error"])
+    m, report, sample = _merge([r])
     if report.n_bad:
         print(f"warning: {report}", file=sys.stderr)  # as data.iter_records says it at the end of its pass
     return m, report, sample
@@ -355,13 +307,12 @@ def _ranges(starts, lens):
     return np.repeat(np.asarray(starts, dtype=np.int64) - out_start, lens) + np.arange(int(lens.sum()))
 
 
-def build(path, folder, key, make_template, require=(), skip_bad=False, with_answer=True, chunk=CHUNK_USERS,
-          workers=None):
+def build(path, folder, key, make_template, require=(), skip_bad=False, with_answer=True, chunk=CHUNK_USERS):
     """Validate `path` line by line, encode it, write the cache folder atomically (see the module docstring)."""
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk, workers)
+        _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk)
     except BaseException:  # an error or an interrupt leaves nothing behind, not even the temporary folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -375,8 +326,8 @@ def build(path, folder, key, make_template, require=(), skip_bad=False, with_ans
     return folder
 
 
-def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk, workers):
-    c, report, sample = collect(path, skip_bad, require, workers)
+def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, chunk):
+    c, report, sample = collect(path, skip_bad, require)
     n = len(c.uids)
     if n == 0:
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
@@ -424,9 +375,8 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     t_flat, t_off = _tokenize(template, [data.event_piece(t) for t in texts],
                               lambda j: f"{where(int(ev_user[np.argmax(ev_text == j)]))}: text {texts[j]!r}")
     queries = list(c.queries)
-    spelled = [q if q is not None else template.default_query for q in queries]
-    q_flat, q_off = _tokenize(template, [" Instruction:" + (" " + q if q else "") for q in spelled],
-                              lambda j: f"{where(first_user(c.query, j))}: query {spelled[j]!r}", add=[template.user_id])
+    q_flat, q_off = _tokenize(template, [" Instruction:" + (" " + q if q else "") for q in queries],
+                              lambda j: f"{where(first_user(c.query, j))}: query {queries[j]!r}", add=[template.user_id])
     answers = list(c.answers)
     if with_answer:
         missing = c.answer < 0
@@ -444,7 +394,6 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     src = np.concatenate([t_flat, q_flat, np.array(single, dtype=np.int32)])
     H = len(head_ids)
     VEC, OPEN, CLOSE = S0 + H, S0 + H + 1, S0 + H + 1 + M
-    budget = np.array([template.modality_budget.get(m, np.iinfo(np.int64).max) for m in template.modalities])
 
     query = c.query
     fixed = q_len[query] + H                                        # (n,) head + suffix: never cut
@@ -481,20 +430,18 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         pos = np.empty(E, np.int64)
         pos[np.lexsort((i, tkey, untimed, u))] = np.arange(E)
         m_nf = m[nf]
-        # rank of each event among its user's events of the same modality, newest first (per-modality budgets)
+        # rank of each event among its user's events of the same modality, newest first
         g = np.lexsort((np.arange(E), m_nf, u))
         gid = u[g] * M + m_nf[g]
         new = np.r_[True, gid[1:] != gid[:-1]]
         rank = np.empty(E, np.int64)
         rank[g] = np.arange(E) - np.maximum.accumulate(np.where(new, np.arange(E), 0))
-        eligible = rank < budget[m_nf]
-        opens = eligible & (rank == 0)                              # the newest event of a block pays its 2 tags
-        add = np.where(eligible, cost[nf] + 2 * opens, 0)
+        add = cost[nf] + 2 * (rank == 0)                            # the newest event of a block pays its 2 tags
         cs = np.cumsum(add)
         cum = cs - np.repeat(np.r_[0, cs][ev_off[a:b] - ea], n_ev[a:b])  # tokens used up to this event, per user
-        # every event costs >= 1 token, so `cum` grows strictly over eligible events: keeping those that fit is
-        # exactly the template's "stop at the first event that does not fit"
-        kept_nf = eligible & (fixed[a:b][u] + cum <= template.max_len)
+        # every event costs >= 1 token, so `cum` grows strictly: keeping those that fit is exactly the template's
+        # "stop at the first event that does not fit"
+        kept_nf = fixed[a:b][u] + cum <= template.max_len
         kept = np.empty(E, bool)
         kept[nf] = kept_nf
         n_cut[a:b] = n_ev[a:b] - np.bincount(u[kept], minlength=nu)
@@ -663,3 +610,43 @@ class EncodedDataset(torch.utils.data.Dataset):
                     history=(int(self.history[i, 0]), int(self.history[i, 1])), vector_pos=vector_pos,
                     vectors=vectors, answer_ids=answer, labels=self.labels_of(i), pad_id=self.template.pad_id,
                     vector_dims=self.template.vector_dims)
+
+
+# -----------------------------------------------------------------------------
+# the training file's cache, as train.py uses it
+
+def ensure_for_training(args, train_path, model_dir, ddp, master, log):
+    """-> (the encoded cache folder of train.py's training file, its LoadReport). Rank 0 builds it when missing; the
+    others wait for its folder name (an error on rank 0 stops every rank with the same message)."""
+    import torch.distributed as dist
+    import ggsm
+    global_token = ggsm.STRATEGIES[args.mask].global_token
+
+    def make_template(report):  # the template checkpoint.build_encoder makes for this run on a file with this report
+        return data.Template(os.path.join(model_dir, "tokenizer.json"), report.modalities, report.vector_dims,
+                             max_len=args.max_len, global_token=global_token, max_answer_len=args.answer_max_len,
+                             preamble=args.preamble)
+
+    result = None
+    if master:
+        # what decides the encoding besides the file: the tokenizer's bytes and the template's options
+        settings = {"tokenizer_sha256": file_sha256(os.path.join(model_dir, "tokenizer.json")),
+                    "max_len": args.max_len, "answer_max_len": args.answer_max_len, "global_token": global_token,
+                    "modalities": "the file's", "preamble": args.preamble}
+        root = os.path.join(os.path.dirname(os.path.abspath(train_path)), "encoded") if args.data_cache is None \
+            else args.data_cache
+        try:
+            result = ("ok", ensure(train_path, root, settings, make_template, require=("answer",),
+                                   skip_bad=args.skip_bad, with_answer=True, log=log))
+        except ValueError as e:
+            result = ("error", str(e))
+    if ddp:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)  # also the barrier: the folder is complete when its name arrives
+        result = box[0]
+    if result[0] == "error":
+        sys.exit(f"error: {result[1]}")
+    report = read_report(result[1])
+    if report.n_bad:
+        log(str(report))
+    return result[1], report
