@@ -31,7 +31,7 @@ form of the AUC; Boyd & Vandenberghe, Convex Optimization §9.5 (damped Newton, 
 Command lines (and from Python: probe.encode(checkpoint_dir, records) -> (N, E) user embeddings):
     python probe.py --checkpoint RUN_DIR/checkpoint --data probe.jsonl --out probe.json
     python probe.py --checkpoint RUN_DIR/checkpoint --export-peft OUT    # or --export-merged OUT (export.py)
-    python bench.py probe --n 20000 --d 256            # fit time against scikit-learn
+    python -m tools.bench_probe --n 20000 --d 256      # fit time against scikit-learn
 """
 
 import copy
@@ -568,7 +568,7 @@ def load(checkpoint_dir, device, who):
 
 def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None, test_frac=None):
     """Probe every task, print the Table 2 row with the mean AUC's standard error (bootstrap over test users),
-    write probe.json (the README's layout); returns its dict. baseline: optional (name, embeddings) of the
+    write probe.json (docs/results.md shows its layout); returns its dict. baseline: optional (name, embeddings) of the
     same users, e.g. the untrained Oracle: probed alike, stored under its name, printed above, and the
     difference of mean AUCs reported with its paired bootstrap standard error under "delta"."""
     ids, labels = [r["user_id"] for r in records], [r.get("labels") or {} for r in records]

@@ -59,6 +59,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("the paper's settings (paper: Qwen2.5-0.5B, LoRA r 64, lr 2e-4, batch 2,048, 70k steps; "
                              "these defaults fit a CPU)")
+    # paper [backbone of the default run]: Qwen2.5-0.5B-Instruct (--model DIR); the default builds a small decoder
     g.add_argument("--model", default="tiny", help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), or 'tiny' to build a small decoder from --data")
     g.add_argument("--data", default=None, help="training JSONL (with answers); default: the embedded synthetic benchmark")
     g.add_argument("--probe-data", default=None, help="labelled JSONL probed after training; default: the synthetic probe users when --data is not given")
@@ -66,6 +67,7 @@ def get_args(argv=None):
     g.add_argument("--mask-warmup", type=float, default=0.1, help="GG-SM warm-up T_warm as a fraction of --steps (paper's Fig. 1: ~0.03; official code: 0.1)")
     g.add_argument("--mask-option", type=mask_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword argument of the strategy class, repeatable (stored in the checkpoint); e.g. capture_layer=final, ema=0.9, segment=all")
+    # paper [lr, steps, batch]: 2e-4, 70k, 2,048 on Qwen2.5-0.5B; these defaults fit a CPU budget
     g.add_argument("--steps", type=int, default=250, help="optimizer steps (T_total of every mask schedule)")
     g.add_argument("--batch-size", type=int, default=32, help="global batch: users per optimizer step over all ranks")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (paper: 2e-4 on Qwen2.5-0.5B)")
@@ -230,7 +232,7 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
     for m, batch in enumerate(micro_batches):
         user_am, answer_am = batch.user.attention_mask, batch.answer.attention_mask
         # 1. the masks at this step: GG-SM's soft future weights (Eq. 4), the ramp, or a fixed mask
-        user_mask = strategy.train_mask(step, user_am, torch.float32, history=batch.user.history)
+        user_mask = measured(strategy.train_mask(step, user_am, torch.float32, history=batch.user.history), user_am)
         answer_mask = strategy.train_mask(step, answer_am, torch.float32, tower="answer")
         # no gradient all-reduce on the non-final micro-steps of an accumulation
         sync = towers.no_sync() if (isinstance(towers, DDP) and m < n - 1) else nullcontext()
@@ -398,9 +400,24 @@ def is_log_step(args, step):
     return step % args.log_every == 0 or step + 1 == args.steps
 
 
+def measured(mask, attention_mask):
+    """The mask unchanged; a per-layer callable (hybrid_mlp) wrapped to keep, in .future_weights, the mean future
+    weight of each mask it returns: evaluated inside the decoder, it cannot be measured afterwards."""
+    if not callable(mask):
+        return mask
+
+    def wrapped(layer_idx, h):
+        m = mask(layer_idx, h)
+        wrapped.future_weights.append(ggsm.mean_future_weight(m, attention_mask))
+        return m
+
+    wrapped.future_weights = []
+    return wrapped
+
+
 def future_weight(masks):
     """The mean future weight of the user masks as used (Fig. 1's "Soft Mask Average Weight"): a tensor mask
-    measured here, a per-layer callable (hybrid_mlp) as it measured itself at each evaluation."""
+    measured here, a per-layer callable as it was measured at each evaluation (measured)."""
     seen = [w for mask, am in masks
             for w in (mask.future_weights if callable(mask) else [ggsm.mean_future_weight(mask, am)])]
     return float(np.mean(seen)) if seen else float("nan")

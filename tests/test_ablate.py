@@ -1,4 +1,4 @@
-"""ablate.py quick mode: every strategy reported, intervals recomputed by hand, valid plots, resumable."""
+"""tools/ablate.py quick mode: every strategy reported, intervals recomputed by hand, valid plots, resumable."""
 import json
 import math
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import ablate
+from tools import ablate
 
 
 @pytest.fixture(scope="module")

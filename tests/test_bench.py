@@ -1,5 +1,5 @@
 """
-Tests for bench.py. The comparison with transformers + peft is only meaningful if both sides do the same
+Tests for the benchmarks (tools/bench_model.py, tools/bench_data.py, tools/bench_probe.py). The comparison with transformers + peft is only meaningful if both sides do the same
 work, so the reference here is transformers itself: on a tiny random Qwen2 checkpoint written by
 save_pretrained, our Decoder + LoRA and transformers + peft (with our LoRA values copied in) must give the
 same InfoNCE loss and the same LoRA gradient on the same right-padded batch under the same soft 4D mask.
@@ -17,36 +17,36 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("sklearn")
 
-import bench  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
+from tools import bench_data, bench_model, bench_probe  # noqa: E402
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return bench.write_checkpoint(str(tmp_path_factory.mktemp("ckpt")), "quick", seed=0)
+    return bench_model.write_checkpoint(str(tmp_path_factory.mktemp("ckpt")), "quick", seed=0)
 
 
 @pytest.fixture(scope="module")
 def pair(ckpt):
-    ours = bench.load_ours(ckpt, r=8, alpha=16, device="cpu", seed=0)
-    theirs = bench.load_theirs(ckpt, r=8, alpha=16, device="cpu", lora_from=ours.module)
+    ours = bench_model.load_ours(ckpt, r=8, alpha=16, device="cpu", seed=0)
+    theirs = bench_model.load_theirs(ckpt, r=8, alpha=16, device="cpu", lora_from=ours.module)
     return ours, theirs
 
 
 def test_same_loss_and_lora_gradient(pair):
     ours, theirs = pair
-    vocab = bench.SIZES["quick"]["vocab_size"]
-    batch = bench.random_batch(B=5, L=24, A=8, vocab=vocab, seed=3, device="cpu")
+    vocab = bench_model.SIZES["quick"]["vocab_size"]
+    batch = bench_model.random_batch(B=5, L=24, A=8, vocab=vocab, seed=3, device="cpu")
     assert batch["user"]["am"].sum(1).min() < 24, "the batch must contain padding"
     name = "model.layers.1.mlp.down_proj.lora_A"
     keys = {"ours": name, "theirs": "base_model.model." + name + ".default.weight"}
     loss, grad = {}, {}
     for c in (ours, theirs):
         c.module.zero_grad(set_to_none=True)
-        out = bench.contrastive_loss(c, batch, torch.float32, NO_AUTOCAST)
+        out = bench_model.contrastive_loss(c, batch, torch.float32, NO_AUTOCAST)
         out.backward()
         loss[c.name] = out.item()
         grad[c.name] = dict(c.module.named_parameters())[keys[c.name]].grad.clone()
@@ -61,8 +61,8 @@ def test_same_loss_and_lora_gradient(pair):
 def test_hidden_states_match_on_real_tokens(pair):
     """The pooled rows are real tokens; every real token's hidden state matches (pads are never compared)."""
     ours, theirs = pair
-    b = bench.random_batch(B=3, L=16, A=0, vocab=bench.SIZES["quick"]["vocab_size"], seed=5, device="cpu")["user"]
-    mask = bench.soft_mask(b["am"], torch.float32)
+    b = bench_model.random_batch(B=3, L=16, A=0, vocab=bench_model.SIZES["quick"]["vocab_size"], seed=5, device="cpu")["user"]
+    mask = bench_model.soft_mask(b["am"], torch.float32)
     with torch.no_grad():
         h_ours, h_theirs = ours.hidden(b["ids"], mask), theirs.hidden(b["ids"], mask)
     real = b["am"].bool()
@@ -74,22 +74,22 @@ def test_lora_copy_is_strict(ckpt):
     bad = torch.nn.Module()
     bad.lora_A = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(RuntimeError, match="LoRA names differ"):
-        bench.load_theirs(ckpt, 8, 16, "cpu", lora_from=bad)
+        bench_model.load_theirs(ckpt, 8, 16, "cpu", lora_from=bad)
 
 
 def test_pad_side_pads_and_refuses_long():
     side = data.Side(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long),
                      torch.tensor([4, 4]), {}, {})
-    padded = bench.pad_side(side, 8, pad_id=0)
+    padded = bench_model.pad_side(side, 8, pad_id=0)
     assert padded.input_ids.shape == (2, 8) and padded.attention_mask[:, 5:].sum() == 0
     assert padded.input_ids[:, :5].eq(1).all()
     with pytest.raises(ValueError, match="longer than the pad length"):
-        bench.pad_side(side, 4, pad_id=0)
+        bench_model.pad_side(side, 4, pad_id=0)
 
 
 def test_quick_all_writes_expected_json(tmp_path):
-    out = tmp_path / "bench.json"
-    bench.main(["all", "--quick", "--out", str(out)])
+    out = tmp_path / "bench_model.json"
+    bench_model.main(["all", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["sections"] == ["train", "embed", "ggsm", "padding", "embedded", "paperlike"]
     for key in ("model", "lora", "device", "torch", "transformers", "peft", "threads", "reps",
@@ -107,7 +107,7 @@ def test_quick_all_writes_expected_json(tmp_path):
             assert r["memory"][side]["step_peak_mb"] > 0  # a training / inference step allocates something
     assert set(res["ggsm"]["median_s"]) == {"bidirectional", "ggsm"} and "overhead" in res["ggsm"]
     pad = res["padding"]
-    w = bench.WORK["padding"][1]
+    w = bench_model.WORK["padding"][1]
     assert pad["padded"]["token_slots"] == pad["steps"] * w["B"] * w["pad_to"] * 2  # both towers padded
     assert pad["dynamic"]["nonpad_tokens"] == pad["padded"]["nonpad_tokens"]  # the same users, the same tokens
     assert pad["dynamic"]["token_slots"] < pad["padded"]["token_slots"]
@@ -136,11 +136,11 @@ def test_quick_all_writes_expected_json(tmp_path):
 
 @pytest.mark.parametrize("lengths", [[7], [5, 12]])
 def test_model_flops_match_torch_flop_counter(lengths):
-    """bench.model_flops against torch's FlopCounterMode on our decoder with LoRA (manual attention, so that Q K^T
+    """bench_model.model_flops against torch's FlopCounterMode on our decoder with LoRA (manual attention, so that Q K^T
     and P V are counted matmuls; the input embeddings need a gradient, as the new token rows make them in
     training): forward alone, and forward + backward to the activations and the LoRA factors."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = bench.SIZES["quick"]
+    cfg = bench_model.SIZES["quick"]
     dec = model.Decoder(model.ModelConfig(model_type="qwen2", **cfg))
     dec.attn_impl = "manual"
     model.add_lora(dec, r=4, alpha=8)
@@ -153,12 +153,12 @@ def test_model_flops_match_torch_flop_counter(lengths):
                 if train:
                     h.sum().backward()
             counted += fc.get_total_flops()
-        assert bench.model_flops(cfg, 4, lengths, train=train) == counted, train
+        assert bench_model.model_flops(cfg, 4, lengths, train=train) == counted, train
 
 
 def test_probe_section_still_runs(tmp_path):
     out = tmp_path / "probe.json"
-    bench.main(["probe", "--n", "600", "--d", "8", "--reps", "1", "--out", str(out)])
+    bench_probe.main(["--n", "600", "--d", "8", "--reps", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     ours = res["solvers"][0]
     # same objective: ours (tight Newton) reaches at most scikit-learn's value
@@ -167,16 +167,17 @@ def test_probe_section_still_runs(tmp_path):
 
 
 def test_events_section_runs(tmp_path):
-    """bench.py events on a few synthetic users and a small decoder built by train.py: the event form is shorter by
-    exactly the text tokens it replaces with one position per event."""
+    """tools.bench_data events on a few synthetic users and a small decoder built as train.py builds it: the event
+    form is shorter by exactly the text tokens it replaces with one position per event."""
     import train
-    train_path, _ = data.write_synthetic(str(tmp_path / "data"), 24, 0, seed=1)
+    from tools import synthetic, tiny_decoder
+    train_path, _ = synthetic.write_synthetic(str(tmp_path / "data"), 24, 0, seed=1)
     args = train.get_args(["--data", train_path, "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4",
                            "--tiny-kv-heads", "2", "--tiny-vocab", "400", "--tiny-steps", "2", "--tiny-batch", "8"])
     records, report = data.load_records(train_path, require=("answer",))
-    model_dir = train.build_tiny_decoder(args, records, report, str(tmp_path / "tiny"), torch.device("cpu"), lambda m: None)
+    model_dir = tiny_decoder.build(args, records, report, str(tmp_path / "tiny"), torch.device("cpu"), lambda m: None)
     out = tmp_path / "events.json"
-    bench.main(["events", "--model", model_dir, "--data", train_path, "--max-len", "10000", "--batch", "8",
+    bench_data.main(["events", "--model", model_dir, "--data", train_path, "--max-len", "10000", "--batch", "8",
                 "--reps", "1", "--threads", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["event_modalities"] == ["app", "bill", "minipro", "search", "spm"]
@@ -191,20 +192,20 @@ def test_events_section_runs(tmp_path):
 @pytest.mark.parametrize("section", ["softmask", "scaling"])
 def test_sections_outside_all_run(tmp_path, section):
     out = tmp_path / f"{section}.json"
-    res = bench.main([section, "--quick", "--out", str(out)])
+    res = bench_model.main([section, "--quick", "--out", str(out)])
     assert json.loads(out.read_text())["sections"] == [section]
     if section == "softmask":
         sm = res["softmask"]
         assert set(sm["median_s"]) == {"fp32 mask", "bf16 mask"} and all(len(v) == res["reps"] for v in sm["times_s"].values())
         assert sm["overhead"] == pytest.approx(sm["median_s"]["fp32 mask"] / sm["median_s"]["bf16 mask"] - 1)
     else:
-        assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench.WORK["scaling"][1]["lengths"])
+        assert [pt["L"] for pt in res["scaling"]["points"]] == list(bench_model.WORK["scaling"][1]["lengths"])
 
 
 def test_levers_section_runs(tmp_path):
     out = tmp_path / "levers.json"
     before = (model.LoRALinear.forward, model.SDPA_GQA)
-    bench.main(["levers", "--quick", "--out", str(out)])
+    bench_model.main(["levers", "--quick", "--out", str(out)])
     res = json.loads(out.read_text())["levers"]
     assert set(res["cost"]) == {"all on", "no packing", "KV heads copied", "LoRA scaled at width out"}
     assert res["cost"]["all on"] == 0 and all(len(v) == 2 for v in res["times_s"].values())

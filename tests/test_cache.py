@@ -1,4 +1,4 @@
-"""Tests for cache.py, the encoded cache. The reference is the in-memory path it replaces: data.UserDataset
+"""Tests for tools/cache.py, the encoded cache. The reference is the in-memory path it replaces: data.UserDataset
 (data.Template.encode_user one user at a time) for the examples, and train.py / probe.run with --data-cache off
 for the losses, weights, resume and probe AUCs.
 
@@ -14,16 +14,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cache
 import data
 import train
 from test_data import CORPUS, GOOD, write_lines
-from test_train import common, losses, max_diff, run, workdir  # noqa: F401 (workdir: a fixture)
+from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run
+from tools import cache, synthetic, tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Synthetic users and a small decoder built by tools/tiny_decoder.py (tests/test_train.py's setup)."""
+    root = tmp_path_factory.mktemp("train")
+    train_path, probe_path = synthetic.write_synthetic(str(root / "data"), 48, 160, seed=3)
+    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
+    records, report = data.load_records(train_path, require=("answer",))
+    model_dir = tiny_decoder.build(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
+    return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer((data.event_piece(t) for t in CORPUS), vocab_size=300)
+    return tiny_decoder.train_tokenizer((data.event_piece(t) for t in CORPUS), vocab_size=300)
 
 
 def assert_same_examples(old, new):
@@ -72,11 +83,11 @@ EDGE = [
 
 
 @pytest.mark.parametrize("kw", [dict(max_len=512), dict(max_len=20), dict(max_len=16, global_token=True),
-                                dict(max_len=30, modality_budget={"bill": 1, "zzz": 0}, default_query="what next"),
+                                dict(max_len=30),
                                 dict(max_len=40, max_answer_len=4), dict(max_len=512, preamble=data.PREAMBLE),
                                 dict(max_len=24, global_token=True, preamble="user data:")])
 def test_examples_equal_user_dataset(tok, tmp_path, kw):
-    """Hand-made corner cases, long and heavily truncated, with <GLOBAL>, budgets, a default query, cut answers."""
+    """Hand-made corner cases, long and heavily truncated, with <GLOBAL>, a preamble, cut answers."""
     path = write_lines(tmp_path, EDGE)
     tpl = data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"], {"tabular": 3, "bill": 3},
                         **{"preamble": "", **kw})
@@ -89,9 +100,9 @@ def test_examples_equal_user_dataset(tok, tmp_path, kw):
 
 def test_synthetic_users_and_chunks(tmp_path):
     """The embedded benchmark's users, encoded in chunks of 7 users (a chunk boundary inside every batch)."""
-    train_path, _ = data.write_synthetic(str(tmp_path / "syn"), 60, 10, seed=1)
+    train_path, _ = synthetic.write_synthetic(str(tmp_path / "syn"), 60, 10, seed=1)
     records, report = data.load_records(train_path, require=("answer",))
-    tk = data.train_tokenizer(data.record_texts(records), vocab_size=400)
+    tk = tiny_decoder.train_tokenizer(tiny_decoder.record_texts(records), vocab_size=400)
     tpl = data.Template(tk, report.modalities, report.vector_dims, max_len=100, max_answer_len=24)
     key = {"format": cache.FORMAT, "test": "chunks"}
     folder = cache.build(train_path, str(tmp_path / "c"), key, lambda r: tpl, require=("answer",), chunk=7)
@@ -99,12 +110,12 @@ def test_synthetic_users_and_chunks(tmp_path):
     # the same collated tensors for a length-sorted micro-batch
     old, new = data.UserDataset(records, tpl), cache.EncodedDataset(folder, tpl)
     idx = list(range(3, 40, 3))
-    for a, b in zip(train.micro_batch(old, idx, 3, "cpu"), train.micro_batch(new, idx, 3, "cpu")):
-        for x, y in ((a.user.input_ids, b.user.input_ids), (a.answer.input_ids, b.answer.input_ids),
-                     (a.user.pool_index, b.user.pool_index), (a.index, b.index),
-                     (a.user.vectors["tabular"], b.user.vectors["tabular"]),
-                     (a.user.vector_pos["tabular"], b.user.vector_pos["tabular"])):
-            assert torch.equal(x, y)
+    a, b = train.micro_batch(old, idx, "cpu"), train.micro_batch(new, idx, "cpu")
+    for x, y in ((a.user.input_ids, b.user.input_ids), (a.answer.input_ids, b.answer.input_ids),
+                 (a.user.pool_index, b.user.pool_index), (a.index, b.index),
+                 (a.user.vectors["tabular"], b.user.vectors["tabular"]),
+                 (a.user.vector_pos["tabular"], b.user.vector_pos["tabular"])):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("rec, tpl_kw, message, line", [
@@ -229,15 +240,16 @@ def test_training_and_probe_same_as_in_memory(workdir):
 
 def test_probe_embeddings_same_as_in_memory(workdir, tmp_path):
     import probe
-    spec = probe.RunSpec(workdir["model"], ["bill", "minipro", "spm", "app", "search", "tabular"], {"tabular": 8},
-                         max_len=96, preamble="User data:")
+    import checkpoint as ckpt
+    spec = ckpt.RunSpec(workdir["model"], ["bill", "minipro", "spm", "app", "search", "tabular"], {"tabular": 8},
+                        max_len=96, preamble="User data:")
     torch.manual_seed(0)
-    enc, tpl, strat = probe.build_encoder(spec)
+    enc, tpl, strat = ckpt.build_encoder(spec)
     records, _ = data.load_records(workdir["probe"], require=("labels",))
     old = probe.embed_records(enc, tpl, strat, records, "cpu", batch_size=16)
-    ds = probe.cached_probe_set(workdir["probe"], str(tmp_path), tpl)
+    ds, recs = probe.labelled_users(workdir["probe"], tpl, cache_root=str(tmp_path))
     assert np.array_equal(old, probe.embed_dataset(enc, ds, strat, "cpu", batch_size=16))
-    assert ds.records() == [{"user_id": r["user_id"], "labels": r["labels"]} for r in records]
+    assert ds.records() == recs == [{"user_id": r["user_id"], "labels": r["labels"]} for r in records]
 
 
 def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
@@ -262,7 +274,7 @@ def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
 
 def test_a_template_change_not_mirrored_fails_the_build(tok, tmp_path, monkeypatch):
     """cache.build restates data.Template; if the template changes (an opening sentence, a new example field) and
-    cache.py does not follow, the build re-encodes its first and last users with data.Template and stops."""
+    tools/cache.py does not follow, the build re-encodes its first and last users with data.Template and stops."""
     path = write_lines(tmp_path, [dict(GOOD, user_id=f"u{k}") for k in range(30)])
     tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     encode_user = data.Template.encode_user
@@ -288,19 +300,20 @@ def test_a_template_change_not_mirrored_fails_the_build(tok, tmp_path, monkeypat
 
 
 def test_bench_data_runs(tmp_path):
-    """bench.py data end to end on small files: the in-memory path, the build and 2 gloo ranks reading the cache."""
-    import bench
-    out = bench.main(["data", "--users", "200,400", "--steps", "2", "--old-upto", "200", "--workdir", str(tmp_path)])
+    """tools/bench_data.py data end to end on small files: the in-memory path, the build and 2 gloo ranks reading the
+    cache."""
+    from tools import bench_data
+    out = bench_data.main(["data", "--users", "200,400", "--steps", "2", "--old-upto", "200", "--workdir", str(tmp_path)])
     a, b = out["rows"]
     assert (a["users"], b["users"]) == (200, 400) and "in_memory" in a and "in_memory" not in b
     assert [r["rank"] for r in b["ranks"]] == [0, 1] and all(r["startup_s"] > 0 for r in b["ranks"])
     assert b["build"]["folder"].startswith(str(tmp_path)) and "rss_growth_per_10x_mb" in b
 
 
-def test_parallel_validation_equals_one_pass(tok, tmp_path, capsys):
-    """Three processes, each validating a byte range, give the users, lines, report and errors of one pass
-    (data.load_records): bad lines in several parts under --skip-bad, a part whose first vector width differs from
-    the file's first (one pass skips or names that line), the first error of the file when a later part also has one."""
+def test_validation_pass_equals_load_records(tok, tmp_path, capsys):
+    """The cache's validation pass (cache.collect, one pass in file order) gives the users, lines, report and errors
+    of data.load_records: bad lines under --skip-bad, a vector wider than the file's first width (skipped or named),
+    the first error of the file when a later line also has one."""
     lines = [dict(GOOD, user_id=f"u{k}") for k in range(30)]
     lines[4] = '{"events": ['
     lines[22] = "[1]"
@@ -308,36 +321,25 @@ def test_parallel_validation_equals_one_pass(tok, tmp_path, capsys):
     path = write_lines(tmp_path, [""] + lines)  # a blank first line: numbering must still follow the file
     tpl = data.Template(copy.deepcopy(tok), ["bill", "tabular"], {"tabular": 3}, preamble="")
     records, report = data.load_records(path, skip_bad=True)
-    folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl, skip_bad=True, workers=3)
+    folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl, skip_bad=True)
     ds = cache.EncodedDataset(folder, tpl)
     assert_same_examples(data.UserDataset(records, tpl), ds)
     assert list(ds.lines) == [int(r["user_id"][1:]) + 2 for r in records]
     rep = cache.read_report(folder)
     assert (rep.n_ok, rep.n_bad, rep.reasons, rep.vector_dims, rep.modality_counts) == \
         (report.n_ok, report.n_bad, report.reasons, report.vector_dims, report.modality_counts)
-    # without --skip-bad: the first bad line of the file, as one pass names it
+    # without --skip-bad: the first bad line of the file, as data.load_records names it
     with pytest.raises(ValueError) as one:
         data.load_records(path)
-    with pytest.raises(ValueError) as three:
-        cache.collect(path, workers=3)
-    assert str(three.value) == str(one.value) and f"{path}:6:" in str(one.value)
-    # the wider vector (line 19) is an error only relative to the file's first width, which part 1 does not see
+    with pytest.raises(ValueError) as cached:
+        cache.collect(path)
+    assert str(cached.value) == str(one.value) and f"{path}:6:" in str(one.value)
+    # line 19's 4-wide vector sets the file's width when no line before it has one; line 20's 3-wide one is the error
     lines[4], lines[22] = GOOD, GOOD
     lines[:17] = [dict(GOOD, events=[{"modality": "bill", "text": "x"}])] * 17  # no vector before line 19 now
     write_lines(tmp_path, [""] + lines)
     with pytest.raises(ValueError, match=re.escape(f"{path}:20: events[1].vector: length 3, but modality 'tabular' has 4")):
-        cache.collect(path, workers=3)
-
-
-def assert_same_collection(c, c0):
-    """Two merged collections (cache.collect) equal field by field (NaN: an untimed event, equal to NaN)."""
-    assert vars(c).keys() == vars(c0).keys()
-    for k, v in vars(c).items():
-        if isinstance(v, list):
-            assert v == vars(c0)[k], k
-        else:
-            v, w = np.asarray(v), np.asarray(vars(c0)[k])
-            assert v.dtype == w.dtype and np.array_equal(v, w, equal_nan=v.dtype.kind == "f"), k
+        cache.collect(path)
 
 
 # records the batch checks must refuse, each with the error data.validate_record gives (or data.parse_line)
@@ -392,10 +394,11 @@ def test_bad_line_deep_in_a_file(tmp_path):
 
 
 def test_bench_replicated_users(tmp_path):
-    """bench.py data --replicate: copies of a synthetic file, every user id unique, the records otherwise the same."""
-    import bench
-    src, _ = data.write_synthetic(str(tmp_path / "syn"), 30, 0, seed=2)
-    path = bench.replicate_users(src, 3, str(tmp_path / "big" / "train.jsonl"))
+    """tools/bench_data.py data --replicate: copies of a synthetic file, every user id unique, the records otherwise the
+    same."""
+    from tools import bench_data
+    src, _ = synthetic.write_synthetic(str(tmp_path / "syn"), 30, 0, seed=2)
+    path = bench_data.replicate_users(src, 3, str(tmp_path / "big" / "train.jsonl"))
     base, _ = data.load_records(src)
     big, report = data.load_records(path)
     assert len(big) == 90 and len({r["user_id"] for r in big}) == 90 and big[65]["user_id"] == "r2-" + base[5]["user_id"]

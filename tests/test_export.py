@@ -1,11 +1,11 @@
-"""Using a trained encoder outside this project: probe.encode (the numbers of probe.py --export) and export.py's
+"""Using a trained encoder outside this project: probe.encode (the numbers of probe.py --export) and tools/export.py's
 two folders, checked against the reference stacks: a PEFT adapter loaded by peft.PeftModel.from_pretrained on
 transformers.AutoModel gives our hidden states and, through user_encoder.json's recipe (rebuilt here by hand),
 our embeddings; a merged folder loads in transformers and in model.Decoder with the same outputs (1e-4).
 
 Two trained checkpoints (3 steps at a high learning rate, so LoRA B, the token rows, the adapters and the
 standardisation statistics all differ from their initial values):
-  - "tiny": the small decoder built by train.py (tied embeddings; the template's tokens have rows in it),
+  - "tiny": the small decoder train.py builds (tools/tiny_decoder.py; tied embeddings; the template's tokens have rows in it),
     GG-SM (inference: bidirectional), <USER> pooling, standardisation;
   - "grown": a random Qwen2 written by transformers with an untied head and a tokenizer without the template's
     tokens (their ids lie beyond the vocabulary), hybrid_mask (inference: the frozen soft mask, a table),
@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+import checkpoint
 import data
-import export
 import ggsm
 import model
 import probe
 import train
+from tools import export, synthetic, tiny_decoder
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -41,14 +42,14 @@ COMMON = ["--no-probe", "--steps", "3", "--batch-size", "8", "--micro-batch", "8
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    train_path, probe_path = data.write_synthetic(str(root / "data"), 24, 40, seed=5)
+    train_path, probe_path = synthetic.write_synthetic(str(root / "data"), 24, 40, seed=5)
     records, report = data.load_records(train_path, require=("answer",))
     # "tiny": train.py's own small decoder
     tiny_args = train.get_args(["--data", train_path, "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4",
                                 "--tiny-kv-heads", "2", "--tiny-vocab", "400", "--tiny-steps", "2", "--max-len", "96"])
-    tiny = train.build_tiny_decoder(tiny_args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
+    tiny = tiny_decoder.build(tiny_args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
     # "grown": transformers writes the checkpoint; its tokenizer lacks the template's tokens
-    tok = data.train_tokenizer(data.record_texts(records), vocab_size=300)
+    tok = tiny_decoder.train_tokenizer(tiny_decoder.record_texts(records), vocab_size=300)
     grown = str(root / "grown")
     cfg = transformers.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -177,7 +178,7 @@ def embedding_from_description(desc, head, hidden, side):
 
 def our_side(ckpt, records):
     """Our encoder's final hidden states and embeddings, and the batch, for the first records of the file."""
-    encoder, template, strategy, _ = probe.load_checkpoint(ckpt)
+    encoder, template, strategy, _ = checkpoint.load_checkpoint(ckpt)
     encoder.eval()
     ds = data.UserDataset(records, template, with_answer=False)
     side = data.collate([ds[i] for i in range(len(ds))]).user

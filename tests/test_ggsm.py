@@ -648,8 +648,7 @@ def tiny_encoder(pooling, dtype=torch.float32, seed=0):
 
 def importance_after_one_step(enc, strategy_layer, ids, am, pool, answers):
     s = ggsm.STRATEGIES["ggsm"](total_steps=10, warmup_steps=2, n_layers=2, capture_layer=strategy_layer)
-    u, h = enc(ids, am, pool, mask=s.train_mask(0, am), return_layer=s.capture_layer)
-    h.retain_grad()
+    u, h = enc(ids, am, pool, mask=s.train_mask(0, am), return_layer=s.capture_layer)  # h.grad: filled by backward
     ggsm.info_nce(u, answers, 0.05, 0.1).backward()
     per_row = h.grad.double().norm(dim=-1)  # (B, L)
     s.accumulate(h.grad, am)
@@ -722,7 +721,8 @@ def test_decoder_trains_under_every_strategy(dtype):
         for step in range(5):  # passes warm-up, ramp / window, and the bidirectional end
             phases.append(s.phase(step))
             out = train.train_step(towers, s, opt, [batch], step, loss_fn, clip=0)
-            assert math.isfinite(out["loss"]) and 0 <= out["future_weight"] <= 1, (strategy, dtype, step, out)
+            fw = train.future_weight(out["masks"])
+            assert math.isfinite(out["loss"]) and 0 <= fw <= 1, (strategy, dtype, step, fw, out["loss"])
         changed = sum(not torch.equal(p, b) for p, b in zip(params, before))
         assert changed > 0 and all(torch.isfinite(p).all() for p in params), strategy
         with torch.no_grad():
@@ -813,45 +813,3 @@ def test_ggsm_zero_is_ggsm_with_a_constant_half_warmup():
     fresh = ggsm.STRATEGIES["ggsm_zero"](total_steps=10, warmup_steps=4, n_layers=2)
     fresh.load_state_dict(s.state_dict())
     assert torch.equal(fresh.train_mask(7, AM), s.train_mask(7, AM))
-
-
-@pytest.mark.parametrize("strategy", ["ggsm", "hybrid_mlp"])
-def test_train_step_in_length_sorted_chunks_equals_one_batch(strategy):
-    """The same users as one padded batch or as chunks padded to their own longest: same loss, same update,
-    same gradient importance (GG-SM warm-up)."""
-    g = torch.Generator().manual_seed(2)
-    lens = [7, 3, 6, 2, 5, 4]
-    sides = []
-    for L, n in ((7, lens), (4, [4, 2, 3, 4, 1, 2])):
-        ids = torch.randint(0, 40, (len(n), L), generator=g)
-        am = (torch.arange(L)[None] < torch.tensor(n)[:, None]).long()
-        sides.append((ids * am, am, torch.tensor(n) - 1))
-
-    def batch(rows):
-        (ui, ua, up), (ai, aa, ap) = sides
-        Lu, La = max(lens[r] for r in rows), int(aa[rows].sum(1).max())
-        history = torch.stack([torch.ones(len(rows), dtype=torch.long), up[rows]], 1)  # (B, 2): [1, <USER>)
-        return data.Batch(data.Side(ui[rows, :Lu], ua[rows, :Lu], up[rows], {}, {}, history),
-                          data.Side(ai[rows, :La], aa[rows, :La], ap[rows], {}, {}), [], [], torch.tensor(rows))
-
-    order = sorted(range(6), key=lambda r: lens[r])  # rows in length order both times: the same row order
-    results = []
-    for micro in ([batch(order)], [[batch(order[:3]), batch(order[3:])]]):
-        enc, cfg = tiny_encoder("token")
-        s = ggsm.STRATEGIES[strategy](total_steps=4, warmup_steps=2, n_layers=2, hidden_size=16, n_heads=2)
-        if s.module is not None:
-            torch.manual_seed(5)
-            for p in s.module.parameters():
-                p.data.normal_(0, 0.5)  # a non-trivial future bias
-        towers = train.DualTower(enc, s.module)
-        opt = SignSGD([p for p in towers.parameters() if p.requires_grad], lr=0.01)
-        grads = []
-        opt.step = (lambda o=opt: grads.append([p.grad.clone() for grp in o.param_groups for p in grp["params"]
-                                                if p.grad is not None]))
-        out = train.train_step(towers, s, opt, micro, 0, functools.partial(ggsm.info_nce, tau=0.1, margin=0.1))
-        results.append((out, grads[0], s.state_dict()))
-    (o1, g1, s1), (o2, g2, s2) = results
-    assert o1["loss"] == pytest.approx(o2["loss"], abs=1e-6) and o1["tokens"] == o2["tokens"]
-    assert len(g1) == len(g2) and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
-    if strategy == "ggsm":
-        assert torch.allclose(s1["importance"], s2["importance"], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""movielens.py on a tiny hand-made MovieLens in both layouts (RecBole atomic files in a fake wheel, and GroupLens
+"""tools/movielens.py on a tiny hand-made MovieLens in both layouts (RecBole atomic files in a fake wheel, and GroupLens
 u.* files): identical output, the 80% cut with ties by item id, the 60-event cap, the answer's ranking, labels
 computed by hand, the [0.10, 0.90] filter, the project's own validation, and errors that name file and line.
 The real wheel is converted only where it exists (never in CI).
@@ -14,7 +14,9 @@ import zipfile
 import pytest
 
 import data
-import movielens
+from tools import movielens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REAL_WHEEL = "/work/realdata/dl/recbole-1.2.1-py3-none-any.whl"
 T0 = 880000000
@@ -187,13 +189,14 @@ def test_errors_name_file_and_line(sources, tmp_path):
 
 
 def test_command_line(sources, tmp_path):
-    run = [sys.executable, movielens.__file__, "--dir", str(sources / "grouplens"), "--out", str(tmp_path / "o")]
-    done = subprocess.run(run, capture_output=True, text=True)
+    run = [sys.executable, "-m", "tools.movielens", "--dir", str(sources / "grouplens"), "--out", str(tmp_path / "o")]
+    done = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "users: 3" in done.stdout and "future_comedy" in done.stdout
     bad = tmp_path / "empty"
     bad.mkdir()
-    done = subprocess.run(run[:2] + ["--dir", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    done = subprocess.run(run[:3] + ["--dir", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          cwd=ROOT)
     assert done.returncode == 1 and "holds neither" in done.stderr
 
 

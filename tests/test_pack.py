@@ -15,6 +15,7 @@ import model
 import pack
 import probe
 import train
+from tools import synthetic, tiny_decoder
 
 MIN = torch.finfo(torch.float32).min
 
@@ -163,7 +164,7 @@ def test_train_steps_packed_equal_padded(strategy):
         opt.step = record
         for step in range(5):
             out = train.train_step(towers, s, opt, [batch], step, functools.partial(ggsm.info_nce, tau=0.1, margin=0.1))
-            losses.append((out["loss"], out["future_weight"], out["tokens"]))
+            losses.append((out["loss"], train.future_weight(out["masks"]), out["tokens"]))
         runs.append((losses, grads, [p.detach().clone() for p in params], s.state_dict()))
     (l1, g1, p1, s1), (l2, g2, p2, s2) = runs
     for a, b in zip(l1, l2):
@@ -197,16 +198,16 @@ def test_probe_embeddings_packed_equal_padded(strategy):
 
 
 def test_causal_lm_build_packed_equals_padded(tmp_path):
-    """The small decoder's causal-LM pretraining (train.build_tiny_decoder) packed and padded: the same losses and
+    """The small decoder's causal-LM pretraining (tools/tiny_decoder.py) packed and padded: the same losses and
     the same weights after three steps, to round-off."""
-    path, _ = data.write_synthetic(str(tmp_path / "syn"), 24, 0, seed=0)
+    path, _ = synthetic.write_synthetic(str(tmp_path / "syn"), 24, 0, seed=0)
     records, report = data.load_records(path, require=("answer",))
     out = {}
     for flag in ("--pack", "--no-pack"):
         args = train.get_args([flag, "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "2",
                                "--tiny-kv-heads", "1", "--tiny-vocab", "300", "--tiny-steps", "3", "--tiny-batch", "8",
                                "--max-len", "96"])
-        folder = train.build_tiny_decoder(args, records, report, str(tmp_path / flag), "cpu", lambda m: None)
+        folder = tiny_decoder.build(args, records, report, str(tmp_path / flag), "cpu", lambda m: None)
         stats = json.load(open(os.path.join(folder, "pretrain.json")))
         out[flag] = (stats["first_loss"], stats["last_loss"], model.Decoder.from_pretrained(folder).state_dict())
     (f1, l1, w1), (f2, l2, w2) = out.values()

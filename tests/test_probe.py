@@ -13,6 +13,7 @@ import ggsm
 import probe
 from probe import (LogisticRegression, fit_probe, format_table, load_embeddings, mean_auc, probe_tasks,
                    roc_auc, save_embeddings, split_users, standardise, stratified_folds)
+from tools import synthetic, tiny_decoder
 
 
 def logistic_data(n, d, seed, informative=None, noise=1.0):
@@ -275,9 +276,10 @@ def test_format_table_layout():
     assert format_table([("w/ GG-SM", run_a), ("Oracle", run_b)]) == expected
 
 
-def test_paper_task_order_matches_data():
+def test_task_order_is_the_papers_then_sorted():
     data = pytest.importorskip("data")
-    assert probe.PAPER_TASKS == tuple(data.TASKS)
+    assert probe.task_order(["zeta", "movie", "alpha", "concert"]) == ["concert", "movie", "alpha", "zeta"]
+    assert probe.task_order(data.TASKS) == list(data.TASKS)
 
 
 # ---------------------------------------------------------------- embeddings on disk
@@ -305,12 +307,12 @@ STRATEGIES = tuple(ggsm.STRATEGIES)
 def tiny_encoder_and_users(tmp_path_factory):
     torch = pytest.importorskip("torch")
     data, model = pytest.importorskip("data"), pytest.importorskip("model")
-    _, probe_path = data.write_synthetic(tmp_path_factory.mktemp("users"), n_train=0, n_probe=7, seed=0)
+    _, probe_path = synthetic.write_synthetic(tmp_path_factory.mktemp("users"), n_train=0, n_probe=7, seed=0)
     records, report = data.load_records(probe_path, require=("labels",))
     short = dict(records[0], user_id="short")  # two text events and the tabular vector: a very short user
     short["events"] = [e for e in records[0]["events"] if "text" in e][:2] + [e for e in records[0]["events"] if "vector" in e]
     records.append(short)
-    tok = data.train_tokenizer(data.record_texts(records), vocab_size=300)
+    tok = tiny_decoder.train_tokenizer(tiny_decoder.record_texts(records), vocab_size=300)
     vocab = tok.get_vocab_size()  # the "checkpoint" vocabulary: the template's tags get ids beyond it
     # no opening sentence: the test needs one user much shorter than the others, and a 300-token BPE spells it long
     template = data.Template(tok, report.modalities, {"tabular": 8}, max_len=160, global_token=True, preamble="")

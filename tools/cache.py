@@ -579,7 +579,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.uid_bytes = load("uid_bytes.npy", int(self.uid_off[-1]))
         self.lines = load("lines.npy", self.n)
         self.history = load("history.npy", self.n)
-        self.lengths = np.diff(self.user_off)              # (N,) int64: train.length_chunks sorts by it
+        self.lengths = np.diff(self.user_off)              # (N,) int64: train.micro_batch sorts by it
         self.n_cut = int(load("n_cut.npy", self.n).sum())
 
     def __len__(self):

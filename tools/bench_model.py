@@ -1,32 +1,16 @@
 """
-Benchmarks (not tests): each section is a subcommand that prints a markdown table and can write JSON.
+Speed and memory of our encoder against transformers + peft (a benchmark, not a test): each section is a
+subcommand that prints a markdown table; --out writes JSON.
 
-    python bench.py probe [--n 20000 --d 256 --features mixed|lowrank --C 1.0 --reps 5 --out bench_probe.json]
-    python bench.py events --model DIR --data train.jsonl [--max-len 256 --batch 32 --reps 5]
-    python bench.py train|embed|ggsm|softmask|scaling|padding|embedded|paperlike|levers|compile|all [--quick] [--gpu-size]
-                    [--reps N] [--out bench.json]
-    python bench.py data [--users 10000,100000] [--ranks 2] [--steps 20] [--old-upto 10000] [--out bench_data.json]
+    python -m tools.bench_model all --out bench.json             # train, embed, ggsm, padding, embedded, paperlike
+    python -m tools.bench_model SECTION [--quick] [--gpu-size] [--reps N] [--threads T] [--out FILE]
+        SECTION: parity | train | embed | ggsm | softmask | scaling | padding | embedded | paperlike | levers | compile
 
-probe: fit time of probe.LogisticRegression (NumPy, damped Newton) against scikit-learn's
-LogisticRegression(solver="lbfgs") at the same C on the same standardised features (synthetic
-Gaussian features, well conditioned or low-rank, labels from a logistic model; users split 80/20 by
-probe.split_users). Newton's iteration count hardly depends on conditioning; L-BFGS's does.
-Repetitions are interleaved (ours, sklearn, sklearn-tight, ours, ...) so drifts in machine load hit
-all solvers alike; medians are reported. Also reported: held-out AUC of each fit, the objective
-each reaches (the same function for both), the largest coefficient difference, and the time of one full
-fit_probe (CV over probe.DEFAULT_CS x 5 folds, then the refit).
-
-events: ours only, on a data set and base model: the text form (event text as subword tokens) against the
-event-level form (one position per event: the frozen base embeddings pooled over the event's tokens, then
-the modality adapter; data.Template event_modalities): user sequence lengths over the whole file and the
-median time of train.train_step (GG-SM warm-up, LoRA r 16, batch 32 in 4 length-sorted chunks) on the same
-users, the two forms interleaved.
-
-train / embed / ggsm / softmask / scaling / padding: our model.py + LoRA against transformers + peft, the stack of
-the official GG-SM code (github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is
-written with transformers' save_pretrained(safe_serialization=True) (CPU default: hidden 512, 8 layers,
-8 heads, 2 KV heads, intermediate 1408, vocab 32000; --gpu-size: the Qwen2.5-0.5B shape, hidden 896,
-24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151936; --quick: a tiny one) and loaded
+Ours is model.py + LoRA; theirs is transformers + peft, the stack of the official GG-SM code
+(github.com/JhCircle/Deepfind-GGSM). One random Qwen2-architecture checkpoint is written with transformers'
+save_pretrained(safe_serialization=True) (CPU default: hidden 512, 8 layers, 8 heads, 2 KV heads, intermediate 1408,
+vocab 32000; --gpu-size: the Qwen2.5-0.5B shape, hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+vocab 151936; --quick: a tiny one, what tests/test_bench.py runs) and loaded
   (a) "ours":   model.Decoder.from_pretrained + model.add_lora on the seven projections;
   (b) "theirs": transformers.AutoModelForCausalLM.from_pretrained(attn_implementation="sdpa"), its base
                 `.model` for hidden states, + peft.get_peft_model(LoraConfig(same r, alpha, dropout 0,
@@ -34,15 +18,17 @@ written with transformers' save_pretrained(safe_serialization=True) (CPU default
                 the adapters change the function) -- the two compute the same function.
 Both get the same 4D additive float mask from ggsm.py (HF 5.x masking_utils returns a 4D mask as is),
 pool the same token (<USER> / the last real token) and run fp32 on CPU, bf16 autocast on CUDA.
-Every run first checks that (a) and (b) give the same InfoNCE loss and the same gradient on one LoRA
-tensor for one batch ("parity"), otherwise the timings would not be of the same work.
+The contrastive step of both sides is written here (contrastive_loss, make_train_step); the ggsm and padding
+sections run train.py's own step (train.DualTower, train.train_step, train.micro_batch) on our side.
 
+  parity   (with every run; alone by name) (a) and (b) give the same InfoNCE loss and the same gradient on one LoRA
+           tensor for one batch, otherwise the timings would not be of the same work.
   train    one full contrastive step (user tower + answer tower forward and backward through one LoRA
            backbone, InfoNCE of ggsm.info_nce, grad clip, AdamW) on the same right-padded batch, GG-SM's
            warm-up mask at step 0 (soft future weight 0.5): non-pad tokens/s and peak memory.
   embed    inference (no grad) under the bidirectional mask: users/s and peak memory.
-  ggsm     ours only: train.train_step in GG-SM's warm-up (capture of h_k at strategy.capture_layer,
-           retain_grad, strategy.accumulate, strategy.end_step, mask rebuilt from the importance) against
+  ggsm     ours only: train.train_step in GG-SM's warm-up (capture of h_k at strategy.capture_layer, its gradient
+           read after backward, strategy.accumulate, strategy.end_step, mask rebuilt from the importance) against
            the same step under the bidirectional strategy. Target: <= 2% overhead.
   softmask ours only, under bf16 autocast (CPU's when there is no GPU): the train step with GG-SM's soft mask
            kept in fp32 (Decoder.forward does so because bf16 cannot hold the log-weights; attention then runs
@@ -51,11 +37,11 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
   scaling  the train step at L = 128, 256, 512, 1024 (quick: 16, 32, 64) with B*L fixed (same tokens per
            step), so the growth is the attention's share.
   padding  "what a user of the official code pays": one epoch of the embedded synthetic benchmark
-           (data.write_synthetic) through our UserEncoder and a GG-SM schedule, with our dynamic padding
-           (data.collate: the longest user in the batch) against the official recipe's padding of every
-           sequence, user and answer, to 512. Both with OUR model, so only the padding differs; padded keys
-           are masked in both, so the two epochs compute the same losses (reported as a check).
-
+           (tools.synthetic.write_synthetic) through our UserEncoder, packing off, and a GG-SM schedule, with
+           dynamic padding (train.micro_batch: each micro-batch one padded batch, its users shortest first, padded
+           to its longest; --chunks and its length-sorted chunks are gone) against the official recipe's padding
+           of every sequence, user and answer, to 512. Both with OUR model, so only the padding differs; padded
+           keys are masked in both, so the two epochs compute the same losses (reported as a check).
   embedded the workload a user runs: B users per step drawn from the embedded synthetic benchmark's users as train.py
            encodes them (a 1,024-token BPE, max_len 256, answers 48; median about 130 tokens), a new batch each
            repetition, the same users on both sides: ours packed (pack.py), theirs padded to each batch's longest
@@ -63,7 +49,8 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
   paperlike the same on long-tailed histories: lognormal lengths around a median of 200, clipped to [16, 1024]
            (the paper's history budget), answers 16-64 tokens.
   levers   (by name only, not in all) ours, the embedded workload's train step with every lever on and with one
-           off at a time: packing, SDPA's enable_gqa, LoRA scaled at rank r and added by addmm.
+           off at a time: packing (off: one micro-batch padded to its longest user, what train.py --no-pack runs;
+           no longer length-sorted chunks), SDPA's enable_gqa, LoRA scaled at rank r and added by addmm.
   compile  (by name only, not in all) ours, the packed train step of the embedded workload with each decoder block
            under torch.compile (inductor, dynamic shapes) against eager: compile time and steady-state ratio.
   limit    (with every run) this machine's dense matmul throughput: the best of six torch.mm of 2048 x 2048 (CPU,
@@ -74,21 +61,10 @@ tensor for one batch ("parity"), otherwise the timings would not be of the same 
 Timing: repetitions are interleaved (ours, theirs, ours, theirs...) after a warm-up, medians reported (the workload
 sections: totals over their batches).
 Memory: on CUDA torch.cuda.max_memory_allocated over one step minus what was allocated before it; on CPU
-each side runs alone in a fresh process (multiprocessing spawn) that loads the model, resets the peak
+each side runs alone in a fresh process (multiprocessing forkserver) that loads the model, resets the peak
 resident set (/proc/self/clear_refs), runs two steps and reads VmHWM: "step peak" is that peak minus the
 resident set after loading (the memory a step adds on top of the weights). The load average is reported:
 other work on the machine slows both sides alike but widens the spread.
-
-data: the encoded cache (cache.py) as the number of users grows. For each N, N synthetic users are written once
-(data.write_synthetic; not timed) and a byte-level BPE of 1,024 tokens (as train.py --model tiny trains) encodes
-them with train.py's defaults (max_len 256, answers 48). Measured, each in a fresh spawned process: the cache build
-(train.ensure_train_cache: file hash, validation line by line, tokenization, writing) with its peak RSS; then
---ranks gloo ranks run train.py's data path: rank 0 checks the cache (hashing the file), the others wait for its
-folder, every rank memory-maps it and materialises its own micro-batches (train.micro_indices + micro_batch) for
---steps optimizer steps of 64 users. "start-up" is the time from process start (after imports) to the first
-step's micro-batches; peak RSS is VmHWM (it counts the pages of the memory map a rank touched), also given above
-the rank's resident set after imports; "growth per 10x users" is the difference of peak RSS per decade of users.
-Up to --old-upto users the in-memory path (data.load_records + data.UserDataset, as --data-cache off) is timed too.
 
 all --out F also writes "summary": train_equal_padding_ratio (train), train_embedded_ratio, train_paperlike_ratio,
 memory_ratio (the embedded train step's peak), embed_ratio (embedding the embedded workload), ggsm_overhead (a
@@ -96,17 +72,13 @@ fraction), limit_fraction_ours / limit_fraction_theirs (the embedded train step)
 Targets (measured, not asserted): on the workloads train >= 1.3x transformers+peft tokens/s and <= 0.8x peak
 memory, embedding >= 1.3x; at equal padding >= 1.0x; GG-SM overhead <= 2%.
 
-scikit-learn, transformers and peft are dev requirements (requirements-dev.txt), imported only here.
+transformers and peft are dev requirements (requirements-dev.txt), imported only by the benchmarks and tests.
 """
-
 import argparse
 import contextlib
-import json
-import math
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -117,108 +89,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cache
 import data
 import ggsm
 import model
 import pack
-import probe
 import train
+from checkpoint import write_json
+from tools import synthetic, tiny_decoder
 
-def synthetic_features(n, d, seed=0, kind="mixed"):
-    """Gaussian features with labels from a logistic model. kind "mixed": mildly correlated (identity
-    plus a small random mixing), well conditioned after standardisation; "lowrank": d//8 latent
-    factors plus 0.1 isotropic noise, anisotropic like pooled LLM embeddings, ill conditioned."""
-    rng = np.random.default_rng(seed)
-    if kind == "mixed":
-        X = rng.normal(size=(n, d)) @ (np.eye(d) + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d))
-    elif kind == "lowrank":
-        k = max(1, d // 8)
-        X = rng.normal(size=(n, k)) @ rng.normal(size=(k, d)) + 0.1 * rng.normal(size=(n, d))
-    else:
-        raise ValueError(f"synthetic_features: kind must be 'mixed' or 'lowrank', got {kind!r}")
-    w = rng.normal(size=d)
-    z = (X - X.mean(0)) / X.std(0) @ w
-    z *= 2.0 / z.std()  # signal strength fixed: a test AUC around 0.85
-    y = (z + rng.logistic(size=n) > 0).astype(np.int64)
-    return X, y
-
-
-def objective(X, y, coef, intercept, C):
-    """sum_i log(1 + exp(-s_i z_i)) + ||w||^2 / (2C): the function both solvers minimise."""
-    s, z = 2 * y - 1, X @ coef + intercept
-    return float(np.logaddexp(0, -s * z).sum() + 0.5 / C * coef @ coef)
-
-
-def bench_probe(args):
-    from sklearn import __version__ as sk_version
-    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
-
-    load = os.getloadavg()  # other processes on the machine skew timings: reported with the results
-    X, y = synthetic_features(args.n, args.d, args.seed, args.features)
-    is_test = probe.split_users([f"u{i}" for i in range(args.n)])
-    mean, scale = probe.standardise(X[~is_test])
-    Xtr, ytr = (X[~is_test] - mean) / scale, y[~is_test]
-    Xte, yte = (X[is_test] - mean) / scale, y[is_test]
-    solvers = {
-        "ours (Newton, tol 1e-12)": lambda: probe.LogisticRegression(C=args.C).fit(Xtr, ytr),
-        "sklearn lbfgs (tol 1e-4, default)": lambda: SkLogisticRegression(C=args.C, max_iter=10000).fit(Xtr, ytr),
-        "sklearn lbfgs (tol 1e-10)": lambda: SkLogisticRegression(C=args.C, tol=1e-10, max_iter=10000).fit(Xtr, ytr),
-    }
-    times = {name: [] for name in solvers}
-    fitted = {}
-    for name, fit in solvers.items():  # one warm-up fit each (BLAS threads, caches, imports)
-        fitted[name] = fit()
-    for _ in range(args.reps):  # interleaved repetitions
-        for name, fit in solvers.items():
-            t0 = time.perf_counter()
-            fitted[name] = fit()
-            times[name].append(time.perf_counter() - t0)
-    ref_name = "ours (Newton, tol 1e-12)"
-    ref_t = statistics.median(times[ref_name])
-    ref_coef = fitted[ref_name].coef_
-    rows = []
-    for name, m in fitted.items():
-        coef = np.ravel(m.coef_)
-        intercept = float(np.ravel(m.intercept_)[0])
-        rows.append({
-            "solver": name,
-            "median_s": statistics.median(times[name]),
-            "times_s": times[name],
-            "ratio_to_ours": statistics.median(times[name]) / ref_t,
-            "test_auc": probe.roc_auc(yte, Xte @ coef + intercept),
-            "objective": objective(Xtr, ytr, coef, intercept, args.C),
-            "max_rel_coef_diff_to_ours": float(np.abs(coef - ref_coef).max() / np.abs(ref_coef).max()),
-            "iterations": int(np.ravel(getattr(m, "n_iter_", [0]))[0]),
-        })
-    t0 = time.perf_counter()
-    p = probe.fit_probe(X[~is_test], ytr, folds=5, seed=args.seed)
-    cv_s = time.perf_counter() - t0
-    cv = {"seconds": cv_s, "Cs": list(probe.DEFAULT_CS), "folds": 5, "chosen_C": p.C,
-          "test_auc": probe.roc_auc(yte, p.decision_function(X[is_test]))}
-
-    print(f"probe fit: {int((~is_test).sum())} train x {args.d} standardised '{args.features}' features "
-          f"({int(is_test.sum())} test users), C={args.C}, {args.reps} interleaved reps, median time")
-    print(f"numpy {np.__version__}, scikit-learn {sk_version}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}\n")
-    print("| solver | median s | time / ours | test AUC | objective | max rel coef diff | iters |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['solver']} | {r['median_s']:.3f} | {r['ratio_to_ours']:.2f} | {r['test_auc']:.6f} | "
-              f"{r['objective']:.6f} | {r['max_rel_coef_diff_to_ours']:.1e} | {r['iterations']} |")
-    print(f"\nfit_probe (CV over {len(probe.DEFAULT_CS)} C x 5 folds + refit): {cv_s:.2f} s, "
-          f"chosen C={p.C:g}, test AUC {cv['test_auc']:.6f}")
-    return {"section": "probe", "n": args.n, "d": args.d, "features": args.features, "C": args.C, "reps": args.reps,
-            "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()),
-            "numpy": np.__version__, "sklearn": sk_version, "cpus": os.cpu_count(),
-            "load_average_before": load[0], "load_average_after": os.getloadavg()[0],
-            "solvers": rows, "fit_probe": cv}
-
-
-# -----------------------------------------------------------------------------
-# Decoder benchmarks: ours (model.py + LoRA) against transformers + peft on the same checkpoint
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = model.LORA_TARGETS  # the seven projections (train.py's default --lora-targets), on both sides
 SIZES = {  # Qwen2 shapes; tied embeddings as in Qwen2.5-0.5B
     "cpu": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=1408, vocab_size=32000),
@@ -437,7 +316,8 @@ def time_interleaved(fns, reps, device, warmup=1):
     return times
 
 
-def _status_mb(key):
+def status_mb(key):
+    """A field of /proc/self/status in MiB (VmRSS, VmHWM, RssAnon, RssFile)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -446,7 +326,7 @@ def _status_mb(key):
 
 
 def _memory_child(job):
-    """Runs in a fresh spawned process: load one side, reset the peak RSS, run two steps, read the peak."""
+    """In a fresh process (a fork of the forkserver): load one side, reset the peak RSS, run two steps, read the peak."""
     torch.manual_seed(0)
     torch.set_num_threads(job["threads"])
     device = torch.device("cpu")
@@ -456,12 +336,12 @@ def _memory_child(job):
     batches = job["batches"] or [random_batch(w["B"], w["L"], w.get("A", 0), job["vocab"], job["seed"], device)]
     make = make_train_step if job["kind"] == "train" else make_embed_step
     step = make(c, batches[0], torch.float32, contextlib.nullcontext(), job["packed"])
-    rss0 = _status_mb("VmRSS")
+    rss0 = status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS, so the peak below is the steps' own
     for b in batches[:1] + batches:  # the first step also creates AdamW's state
         step(b)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"rss_loaded_mb": rss0, "peak_rss_mb": peak, "step_peak_mb": peak - rss0}
 
 
@@ -484,10 +364,11 @@ def peak_memory(who, kind, ctx, work, c=None, step=None, batches=None, packed=Fa
     # forkserver: each measurement is a fresh fork of a server that has imported torch / transformers / peft
     # but never held a model, so the child's allocator starts clean and the imports are paid once
     mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(["bench", "transformers", "peft"])
-    import bench  # by module name, also when this file runs as __main__, so the forkserver can unpickle it
+    mp.set_forkserver_preload(["tools.bench_model", "transformers", "peft"])
+    # by module name, also when this file runs as __main__, so that the forkserver can unpickle the child function
+    from tools import bench_model
     with mp.Pool(1) as pool_:
-        return pool_.apply(bench._memory_child, (job,))
+        return pool_.apply(bench_model._memory_child, (job,))
 
 
 def median(xs):
@@ -665,9 +546,9 @@ def model_flops(cfg, r, user_lengths, answer_lengths=(), train=True):
 def synthetic_dataset(ctx, name, users, vocab, **template_options):
     """(data.UserDataset, its template): `users` users of the embedded synthetic benchmark with answers, encoded by
     a BPE of `vocab` tokens trained on them (at most the model's vocabulary, so every id is a row)."""
-    train_path, _ = data.write_synthetic(os.path.join(ctx["tmp"], name), users, 0, seed=ctx["seed"])
+    train_path, _ = synthetic.write_synthetic(os.path.join(ctx["tmp"], name), users, 0, seed=ctx["seed"])
     records, report = data.load_records(train_path, require=("answer",))
-    tok = data.train_tokenizer(data.record_texts(records), min(vocab, ctx["vocab"]))
+    tok = tiny_decoder.train_tokenizer(tiny_decoder.record_texts(records), min(vocab, ctx["vocab"]))
     template = data.Template(tok, report.modalities, report.vector_dims, **template_options)
     return data.UserDataset(records, template), template
 
@@ -815,7 +696,8 @@ def _lora_at_width(self, x):
 
 def section_levers(ctx):
     """Ours only, the train step on the embedded workload with everything on, and with one lever off at a time:
-    packing (padded to each batch's longest instead), SDPA's enable_gqa (K and V heads copied by
+    packing (one micro-batch padded to its longest user instead: what packing off means now that train.py's length-
+    sorted chunks are gone), SDPA's enable_gqa (K and V heads copied by
     repeat_interleave instead), LoRA's rank-r scaling with addmm (the branch scaled at width out and added
     separately instead). Interleaved per batch; each variant's total time against everything on."""
     w = ctx["work"]["embedded"]
@@ -879,7 +761,9 @@ def pad_side(side, L, pad_id):
 
 
 def section_padding(ctx):
-    """One epoch of the synthetic benchmark, ours both times: dynamic padding vs every sequence padded to 512."""
+    """One epoch of the synthetic benchmark, ours both times, packing off: dynamic padding (train.micro_batch: one
+    micro-batch, its users shortest first, padded to its longest, as train.py --no-pack runs it) vs every sequence
+    padded to 512."""
     w = ctx["work"]["padding"]
     # the official recipe truncates to 512 and pads to 512; truncation at pad_to keeps both runs on the same tokens
     dataset, template = synthetic_dataset(ctx, "synthetic", w["users"], 2000, max_len=w["pad_to"])
@@ -888,7 +772,8 @@ def section_padding(ctx):
     encoder.pack = False  # padded rows both times: packing would remove the very padding this section prices
     init = {k: v.clone() for k, v in encoder.trainable_state_dict().items()}
     order = np.random.default_rng(ctx["seed"]).permutation(len(dataset))
-    batches = [data.collate([dataset[i] for i in order[s:s + w["B"]]]) for s in range(0, len(order) - w["B"] + 1, w["B"])]
+    batches = [train.micro_batch(dataset, order[s:s + w["B"]].tolist(), "cpu")
+               for s in range(0, len(order) - w["B"] + 1, w["B"])]
     n_steps = len(batches)
 
     towers = train.DualTower(encoder, None)
@@ -951,7 +836,7 @@ def summary(result):
 
 
 def bench_models(args):
-    """train | embed | ggsm | softmask | scaling | padding | all: build the checkpoint, load both sides, run, tabulate."""
+    """parity | train | embed | ... | all: build the checkpoint, load both sides, run, tabulate."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "quick" if args.quick else ("gpu" if args.gpu_size else "cpu")
     reps = args.reps or (2 if args.quick else 5)
@@ -974,7 +859,7 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     import peft
     import transformers
     load = os.getloadavg()
-    names = ALL if args.section == "all" else [args.section]
+    names = ALL if args.section == "all" else [] if args.section == "parity" else [args.section]
     work = {k: v[1 if args.quick else 0] for k, v in WORK.items()}
     result = {"sections": names, "size": size, "model": SIZES[size], "lora": {"r": args.r, "alpha": args.alpha},
               "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -1021,246 +906,10 @@ def _bench_models(args, device, size, reps, mask_dtype, autocast):
     return result
 
 
-# -----------------------------------------------------------------------------
-# data: the encoded cache (cache.py) at growing numbers of users
-
-def _data_args(cache_dir):
-    """train.py's arguments as far as the data path reads them (its defaults: max_len 256, answer 48, GG-SM)."""
-    return train.get_args(["--data-cache", cache_dir, "--batch-size", "64", "--micro-batch", "32"])
-
-
-def _data_build_child(job, queue):
-    """A fresh process: build (or find) the cache through train.ensure_train_cache as rank 0 of one; time, peak RSS
-    (of this process; the validation workers it starts for a large file have their own)."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    args = _data_args(job["cache_dir"])
-    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], False, True, lambda m: None)
-    queue.put({"seconds": time.perf_counter() - t0, "peak_rss_mb": _status_mb("VmHWM"), "folder": folder})
-
-
-def _data_old_child(job):
-    """A fresh process: the in-memory path (data.load_records + data.UserDataset), as --data-cache off."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    records, report = data.load_records(job["path"], require=("answer",))
-    t1 = time.perf_counter()
-    args = _data_args(job["cache_dir"])
-    data.UserDataset(records, train.train_template(args, job["model_dir"], report))
-    t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "encode_s": t2 - t1, "seconds": t2 - t0, "peak_rss_mb": _status_mb("VmHWM")}
-
-
-def _data_rank(rank, job, queue):
-    """One gloo rank of a 2-rank job reading the cache as train.py does: rank 0 checks the cache (file hash), the
-    others wait for its folder; each opens the memory maps and materialises its own micro-batches for `steps`."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(job["ranks"]), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(job["port"]))
-    torch.set_num_threads(1)
-    rss0 = _status_mb("VmRSS")  # the interpreter with torch, numpy, tokenizers imported
-    t0 = time.perf_counter()
-    ddp, rank, world, device = train.setup_dist()
-    args = _data_args(job["cache_dir"])
-    folder, report = train.ensure_train_cache(args, job["path"], job["model_dir"], ddp, rank == 0, lambda m: None)
-    ds = cache.EncodedDataset(folder, train.train_template(args, job["model_dir"], report))
-    accum = args.batch_size // (args.micro_batch * world)
-    first, anon = None, _status_mb("RssAnon")
-    for step in range(job["steps"]):
-        for m in range(accum):
-            idx = train.micro_indices(len(ds), step, args.batch_size, args.micro_batch, world, rank, m, args.seed)
-            train.micro_batch(ds, idx, args.chunks, device)
-        if first is None:
-            first = time.perf_counter() - t0
-        anon = max(anon, _status_mb("RssAnon"))  # private memory, sampled after every step
-    total = time.perf_counter() - t0
-    # VmHWM also counts the pages of the memory map this rank touched (RssFile): page cache, shared by the ranks
-    # and reclaimable; a random micro-batch maps whole pages (and the kernel maps neighbouring cached pages too)
-    queue.put({"rank": rank, "startup_s": first, "steps_s": total - first, "rss_start_mb": rss0,
-               "peak_rss_mb": _status_mb("VmHWM"), "peak_above_start_mb": _status_mb("VmHWM") - rss0,
-               "private_mb": anon, "mapped_cache_mb": _status_mb("RssFile")})
-    train.shutdown(ddp)
-
-
-def replicate_users(src, copies, path):
-    """A file of `copies` copies of the synthetic users in src, the user ids of copy r prefixed with 'r{r}-' (the
-    synthetic writer takes about 15 minutes per million users on a 2-core machine; this takes seconds). Texts,
-    queries and answers repeat, so the tables of distinct strings do not grow past src's. Written atomically."""
-    with open(src, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    key = b'{"user_id":"'
-    assert all(line.startswith(key) for line in lines), f"{src}: every line must start with {key!r}"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as out:
-        for r in range(copies):
-            prefix = key + f"r{r}-".encode()
-            out.writelines(prefix + line[len(key):] for line in lines)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def bench_data(args):
-    """For each number of users: write the synthetic users once, build the cache (fresh process), then a 2-rank gloo
-    job reads it as train.py does; optionally the in-memory path for comparison."""
-    work = args.workdir
-    os.makedirs(work, exist_ok=True)
-    sizes = [int(x) for x in args.users.split(",")]
-    model_dir = os.path.join(work, "tokenizer")  # a folder with tokenizer.json, as a model folder has
-    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        seed_dir = os.path.join(work, "users-2000")
-        path, _ = data.write_synthetic(seed_dir, 2000, 0, seed=args.seed)
-        records, _ = data.load_records(path, require=("answer",))
-        tok = data.train_tokenizer(data.record_texts(records, answers=False), 1024)  # as train.py --model tiny
-        os.makedirs(model_dir, exist_ok=True)
-        tok.save(os.path.join(model_dir, "tokenizer.json"))
-    mp = multiprocessing.get_context("spawn")
-    rows = []
-    for n in sizes:
-        users = os.path.join(work, f"users-{n}")
-        path = os.path.join(users, "train.jsonl")
-        if not os.path.isfile(path) and args.replicate and n > args.replicate and n % args.replicate == 0:
-            base = os.path.join(work, f"users-{args.replicate}", "train.jsonl")
-            if not os.path.isfile(base):
-                print(f"writing {args.replicate} synthetic users to {os.path.dirname(base)} (not timed)", flush=True)
-                data.write_synthetic(os.path.dirname(base), args.replicate, 0, seed=args.seed)
-            print(f"writing {n} users to {users}: {n // args.replicate} copies of {base}, user ids renamed (not timed)",
-                  flush=True)
-            replicate_users(base, n // args.replicate, path)
-        if not os.path.isfile(path):
-            print(f"writing {n} synthetic users to {users} (not timed)", flush=True)
-            data.write_synthetic(users, n, 0, seed=args.seed)
-        cache_dir = os.path.join(work, "encoded")
-        job = {"path": path, "model_dir": model_dir, "cache_dir": cache_dir, "steps": args.steps, "ranks": args.ranks}
-        row = {"users": n, "file_mb": os.path.getsize(path) / 2 ** 20}
-        if n <= args.old_upto:
-            with mp.Pool(1) as p:
-                row["in_memory"] = p.apply(_data_old_child, (job,))
-        # a fresh build each time: this size's caches live in their own folder, removed first
-        key_dir = os.path.join(cache_dir, f"users-{n}")
-        job["cache_dir"] = key_dir
-        shutil.rmtree(key_dir, ignore_errors=True)
-        queue = mp.Queue()  # a plain process, not a Pool's daemon: the build may start its own workers
-        proc = mp.Process(target=_data_build_child, args=(job, queue))
-        proc.start()
-        row["build"] = queue.get(timeout=3600)
-        proc.join()
-        row["cache_mb"] = sum(os.path.getsize(os.path.join(row["build"]["folder"], f))
-                              for f in os.listdir(row["build"]["folder"])) / 2 ** 20
-        queue = mp.Queue()
-        job["port"] = 29500 + (os.getpid() + n) % 1000
-        procs = [mp.Process(target=_data_rank, args=(r, job, queue)) for r in range(args.ranks)]
-        for proc in procs:
-            proc.start()
-        ranks = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
-        for proc in procs:
-            proc.join()
-        row["ranks"] = ranks
-        rows.append(row)
-        print(f"{n} users: build {row['build']['seconds']:.1f} s, start-up {max(r['startup_s'] for r in ranks):.2f} s, "
-              f"peak RSS per rank {max(r['peak_rss_mb'] for r in ranks):.0f} MiB", flush=True)
-    for a, b in zip(rows, rows[1:]):
-        decades = math.log10(b["users"] / a["users"])
-        for key, name in (("peak_rss_mb", "rss_growth_per_10x_mb"), ("private_mb", "private_growth_per_10x_mb")):
-            b[name] = (max(r[key] for r in b["ranks"]) - max(r[key] for r in a["ranks"])) / decades
-    print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other work slows every number)")
-    print("| users | file | in-memory path (load + encode), peak RSS | cache build, peak RSS | cache size | "
-          f"start-up from the cache | peak RSS per rank ({args.ranks} gloo ranks) | of it private | of it file-backed "
-          "(libraries, cache pages) | growth per 10x users: peak / private |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        old = r.get("in_memory")
-        old_s = f"{old['seconds']:.1f} s ({old['load_s']:.1f} + {old['encode_s']:.1f}), {old['peak_rss_mb']:.0f} MiB" \
-            if old else "not run"
-        top = lambda key: max(x[key] for x in r["ranks"])  # noqa: E731
-        grow = f"{r['rss_growth_per_10x_mb']:+.0f} / {r['private_growth_per_10x_mb']:+.0f} MiB" \
-            if "rss_growth_per_10x_mb" in r else "—"
-        print(f"| {r['users']:,} | {r['file_mb']:.0f} MB | {old_s} | {r['build']['seconds']:.1f} s, "
-              f"{r['build']['peak_rss_mb']:.0f} MiB | {r['cache_mb']:.0f} MB | {top('startup_s'):.2f} s | "
-              f"{top('peak_rss_mb'):.0f} MiB | {top('private_mb'):.0f} MiB | {top('mapped_cache_mb'):.0f} MiB | {grow} |")
-    return {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "steps": args.steps}
-
-
-def bench_events(args):
-    """Text form against the event-level form on a data set: user sequence lengths (every user of the file) and the
-    time of train.train_step (GG-SM warm-up, LoRA, both towers, train.py's defaults otherwise) on the same batches,
-    interleaved, medians. The event form puts every text modality of the data in event form."""
-    records, report = data.load_records(args.data, require=("answer",))
-    text_modalities = sorted({e["modality"] for r in records for e in r["events"] if e.get("text") is not None})
-    lora = {"r": 16, "alpha": 16.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
-    forms = {"text": [], "event": text_modalities}
-    load = os.getloadavg()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(records))
-    steps, out = {}, {"data": args.data, "model": args.model, "batch": args.batch, "event_modalities": text_modalities,
-                      "threads": torch.get_num_threads(), "load_average_before": list(load)}
-    for name, ev in forms.items():
-        spec = probe.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, mask="ggsm",
-                             total_steps=10 ** 6, warmup_steps=10 ** 6 - 1, lora=lora, max_len=args.max_len,
-                             answer_max_len=48, standardize=True, event_modalities=ev, preamble=args.preamble)
-        torch.manual_seed(args.seed)
-        encoder, template, strategy = probe.build_encoder(spec)
-        t0 = time.perf_counter()
-        ds = data.UserDataset(records, template)
-        encode_s = time.perf_counter() - t0
-        lengths = np.asarray(ds.lengths)
-        towers = train.DualTower(encoder.train(), None)
-        opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-4)
-        batches = [train.micro_batch(ds, order[i * args.batch:(i + 1) * args.batch].tolist(), 4, "cpu")
-                   for i in range(args.reps + 1)]
-        loss_fn = partial(ggsm.info_nce, tau=TAU, margin=MARGIN)
-        counter = [0]
-
-        def step(batches=batches, towers=towers, strategy=strategy, opt=opt, counter=counter):
-            b = batches[counter[0] % len(batches)]
-            train.train_step(towers, strategy, opt, [b], 0, loss_fn)
-            counter[0] += 1
-
-        steps[name] = step
-        out[name] = {"mean_length": float(lengths.mean()), "median_length": float(np.median(lengths)),
-                     "max_length": int(lengths.max()), "n_cut_events": int(ds.n_cut), "encode_data_s": encode_s}
-    times = time_interleaved(steps, args.reps, torch.device("cpu"))
-    for name in forms:
-        med = median(times[name])
-        out[name].update(times_s=times[name], median_step_s=med, users_per_s=args.batch / med)
-    out["load_average_after"] = list(os.getloadavg())
-    print(f"{args.data}: {len(records)} users; event form for {', '.join(text_modalities)}; batch {args.batch}, "
-          f"{args.reps} interleaved steps each, medians; {torch.get_num_threads()} threads; load average "
-          f"{load[0]:.2f} before, {out['load_average_after'][0]:.2f} after\n")
-    print("| form | mean user length | median | max | events cut | train step | users/s |")
-    print("|---|---|---|---|---|---|---|")
-    for name in forms:
-        r = out[name]
-        print(f"| {name} | {r['mean_length']:.1f} | {r['median_length']:.0f} | {r['max_length']} | {r['n_cut_events']} | "
-              f"{r['median_step_s'] * 1e3:.0f} ms | {r['users_per_s']:.1f} |")
-    return out
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
-    # --- probe: logistic-regression fit time vs scikit-learn
-    sp = sections.add_parser("probe", help="probe fit time against scikit-learn LogisticRegression(lbfgs)")
-    sp.add_argument("--n", type=int, default=20000, help="users (80%% train by the probe's hash split)")
-    sp.add_argument("--d", type=int, default=256, help="embedding dimension")
-    sp.add_argument("--features", choices=("mixed", "lowrank"), default="mixed",
-                    help="mixed: well-conditioned; lowrank: anisotropic, embedding-like")
-    sp.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty, scikit-learn's C")
-    sp.add_argument("--reps", type=int, default=5, help="timed repetitions per solver (after one warm-up)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", default=None, help="write the results as JSON here")
-    # --- events: text form vs the event-level form on a data set and base model (ours only)
-    se = sections.add_parser("events", help="text form vs event-level form: user lengths and train-step time")
-    se.add_argument("--model", required=True, help="Hugging Face folder (e.g. the default run's cache/tiny-*)")
-    se.add_argument("--data", required=True, help="training JSONL with answers (e.g. cache/synthetic-*/train.jsonl)")
-    se.add_argument("--max-len", type=int, default=256, help="user-side token budget (train.py's default)")
-    se.add_argument("--batch", type=int, default=32, help="users per step (train.py's default)")
-    se.add_argument("--preamble", default="", type=data.preamble_text, help="the template's opening sentence: 'paper', any text, or '' (none)")
-    se.add_argument("--reps", type=int, default=5, help="timed steps per form (after one warm-up)")
-    se.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--out", default=None, help="write the results as JSON here")
-    # --- decoder sections: ours against transformers + peft
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true", help="tiny model and workloads (seconds; what the test runs)")
     common.add_argument("--gpu-size", action="store_true", help="Qwen2.5-0.5B-sized model (for a GPU)")
@@ -1272,7 +921,8 @@ def main(argv=None):
     common.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--out", default=None, help="write the results as JSON here")
-    helps = {"train": "contrastive training step: tokens/s and peak memory",
+    helps = {"parity": "only the check that both sides compute the same loss and LoRA gradient (part of every run)",
+             "train": "contrastive training step: tokens/s and peak memory",
              "embed": "inference under the bidirectional mask: users/s",
              "ggsm": "GG-SM warm-up step overhead against a bidirectional step (ours only)",
              "softmask": "under bf16 autocast: the soft mask kept in fp32 (fp32 attention) vs rounded to bf16 (ours only)",
@@ -1282,26 +932,13 @@ def main(argv=None):
              "paperlike": "long-tailed histories up to 1,024 tokens: ours packed vs theirs dynamically padded",
              "compile": "torch.compile of our decoder blocks against eager on the embedded workload (not in all)",
              "levers": "ours, embedded workload: each speed lever (packing, enable_gqa, LoRA addmm) off in turn (not in all)",
-             "all": "every section above, one table"}
+             "all": "train, embed, ggsm, padding, embedded, paperlike: one table and the summary"}
     for name, h in helps.items():
         sections.add_parser(name, parents=[common], help=h)
-    # --- data: the encoded cache at growing numbers of users
-    sd = sections.add_parser("data", help="encoded cache: build time, start-up and peak RSS per rank as users grow")
-    sd.add_argument("--users", default="10000,100000", help="comma-separated numbers of synthetic users (1000000 when asked)")
-    sd.add_argument("--ranks", type=int, default=2, help="gloo ranks reading the cache")
-    sd.add_argument("--steps", type=int, default=20, help="optimizer steps of micro-batches each rank materialises")
-    sd.add_argument("--old-upto", type=int, default=10000, help="also time the in-memory path up to this many users")
-    sd.add_argument("--workdir", default="cache/bench-data", help="synthetic users, tokenizer and caches (reused)")
-    sd.add_argument("--replicate", type=int, default=0, metavar="N",
-                    help="write a missing file of a multiple of N users as copies of the N-user file, user ids renamed "
-                         "(faster than the synthetic writer; the distinct texts do not grow); 0: always the writer")
-    sd.add_argument("--seed", type=int, default=0)
-    sd.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = {"probe": bench_probe, "events": bench_events, "data": bench_data}.get(args.section, bench_models)(args)
+    result = bench_models(args)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 
