@@ -501,12 +501,7 @@ class HybridMLP(Strategy):
         if seg is not None and not seg.any():
             return causal_mask(attention_mask, dtype)  # nothing to relax (the answer tower): exactly causal
         module = self.module
-        def mask(layer_idx, h):  # h = the input of block layer_idx, (B, L, D)
-            m = module(layer_idx, h, attention_mask, dtype, seg)
-            mask.future_weights.append(mean_future_weight(m, attention_mask))  # as used, for the logs
-            return m
-        mask.future_weights = []
-        return mask
+        return lambda layer_idx, h: module(layer_idx, h, attention_mask, dtype, seg)  # h: block input (B, L, D)
 
     def state_dict(self):
         return {"mlp." + k: v.detach().clone() for k, v in self.module.state_dict().items()}

@@ -1,37 +1,25 @@
 """
-Linear probing of frozen user embeddings: the evaluation of the paper's Table 2.
-
-Every labelled user is embedded once with the frozen encoder under the strategy's inference mask;
-then, per binary task, a logistic regression is fitted on the probe-train users and scored by
-ROC-AUC on the probe-test users. Everything after the embedding is NumPy only.
+Linear probing of frozen user embeddings: the evaluation of the paper's Table 2. After the embedding, NumPy only.
 
     embeddings ─▶ split_users (hash of user_id) ─▶ standardise (train stats) ─▶ LogisticRegression
                (penalty C by stratified K-fold CV AUC on train users) ─▶ roc_auc on test users ─▶ table
 
 Protocol (the paper leaves the probe unspecified; these are our fixed choices):
-- split: a user is a probe-test user iff sha256(salt + ":" + user_id) maps below test_frac
-  (default TEST_FRAC = 0.5). It depends on the id alone, so reordering or subsetting the file changes
-  nothing, and a user sits on the same side for every task. Users without a label for a task are
-  ignored. Half the users: the test AUC's standard error shrinks with the test users, while a linear
-  probe fitted on half the users loses little (on the embedded benchmark's 5,000 probe users, 0.2 ->
-  0.5 takes the standard error of the mean AUC of a trained encoder from 0.0065 to 0.0044; 2,000
-  users at 0.2 gave 0.0102).
-- standard errors: every mean AUC comes with one, by bootstrap over the test users (bootstrap_mean_auc).
-- features: z-scored with the mean / std of the training users only (the CV folds refit their own).
-- model: L2 logistic regression, objective  sum_i log(1 + exp(-s_i z_i)) + ||w||^2 / (2C),
-  s_i = 2 y_i - 1, z_i = x_i.w + b, intercept unpenalised: exactly scikit-learn's
-  LogisticRegression(C=C) objective, so the two can be compared coefficient by coefficient.
-- C from DEFAULT_CS by mean ROC-AUC over stratified folds of the training users (ties -> smaller C),
-  then refitted on all training users.
+- split: a user is a probe-test user iff sha256(salt + ":" + user_id) maps below TEST_FRAC = 0.5: the id alone
+  decides, for every task, whatever the file's order. Half the users: on the embedded benchmark's 5,000 probe
+  users, 0.2 -> 0.5 takes the standard error of a trained encoder's mean AUC from 0.0065 to 0.0044.
+- every mean AUC comes with a standard error, by bootstrap over the test users (bootstrap_mean_auc).
+- L2 logistic regression, scikit-learn's LogisticRegression(C=C) objective, C chosen by stratified CV AUC on the
+  training users (ties -> smaller C), refitted on all of them; features z-scored with the training users' stats.
 - a task with one class in either split is reported with a "status" and left out of the average.
 
 References: arXiv 2602.10622 (Table 2, linear probing, ROC-AUC); Mann & Whitney (1947) for the rank
 form of the AUC; Boyd & Vandenberghe, Convex Optimization §9.5 (damped Newton, Newton decrement).
 
-Command lines (and from Python: probe.encode(checkpoint_dir, records) -> (N, E) user embeddings):
     python probe.py --checkpoint RUN_DIR/checkpoint --data probe.jsonl --out probe.json
-    python probe.py --checkpoint RUN_DIR/checkpoint --export-peft OUT    # or --export-merged OUT (export.py)
+    python probe.py --checkpoint RUN_DIR/checkpoint --export-peft OUT    # or --export-merged OUT (tools/export.py)
     python -m tools.bench_probe --n 20000 --d 256      # fit time against scikit-learn
+    probe.encode(checkpoint_dir, records) -> (N, E) user embeddings, from Python
 """
 
 import copy
@@ -116,7 +104,7 @@ class LogisticRegression:
     When d > n the fit runs in the n-dim row space of X (X = U S V^T, features U S, w = V w'): exact,
     because the optimum satisfies w = C X^T (y - p), which lies in that row space, and ||V w'|| = ||w'||.
 
-    fit(X, y, init=None) -> self;  decision_function(X) -> (n,);  predict_proba(X) -> (n,) P(y=1)
+    fit(X, y, init=None) -> self;  decision_function(X) -> (n,)
     coef_ (d,), intercept_ float, n_iter_ int, objective_ float
     """
 
@@ -204,9 +192,6 @@ class LogisticRegression:
 
     def decision_function(self, X):
         return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
-
-    def predict_proba(self, X):
-        return _expit(self.decision_function(X))
 
 
 # -----------------------------------------------------------------------------
