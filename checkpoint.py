@@ -22,7 +22,6 @@ import data
 import ggsm
 import model
 
-
 def file_sha256(path):
     """Hex SHA-256 of a file's bytes (names the data a cache or a small decoder was built from)."""
     h = hashlib.sha256()
@@ -30,7 +29,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
 
 @dataclass
 class RunSpec:
@@ -67,7 +65,6 @@ class RunSpec:
             raise ValueError(f"{where}: unknown mask strategy {d['mask']!r}, expected one of {list(ggsm.STRATEGIES)}")
         return cls(**d)
 
-
 def build_encoder(spec, device="cpu"):
     """Decoder (+ LoRA) + UserEncoder + Template + strategy from a RunSpec."""
     decoder = model.Decoder.from_pretrained(spec.base_model, dtype=getattr(torch, spec.dtype), device=device)
@@ -95,7 +92,6 @@ def build_encoder(spec, device="cpu"):
         strategy.module.to(device)
     return encoder, template, strategy
 
-
 def trainable_tensors(encoder, strategy):
     """Everything a run learned, once each, as (named tensors for safetensors, JSON-able strategy state)."""
     tensors = {"encoder." + k: v.detach().contiguous() for k, v in encoder.trainable_state_dict().items()}
@@ -107,7 +103,6 @@ def trainable_tensors(encoder, strategy):
             plain[k] = v
     return tensors, plain
 
-
 def load_trainable(encoder, strategy, tensors, plain):
     """Inverse of trainable_tensors. Both loaders are strict: a missing, unexpected or mis-shaped tensor names itself."""
     pick = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -116,7 +111,6 @@ def load_trainable(encoder, strategy, tensors, plain):
         raise ValueError(f"checkpoint tensors do not match the model: unexpected {unknown[:5]}")
     encoder.load_trainable_state_dict(pick("encoder."))
     strategy.load_state_dict({**plain, **pick("strategy.")})
-
 
 def load_checkpoint(checkpoint_dir, device="cpu"):
     """-> encoder, template, strategy, state (state.json; its "spec" as a RunSpec)."""
@@ -128,13 +122,11 @@ def load_checkpoint(checkpoint_dir, device="cpu"):
                    state["strategy"])
     return encoder, template, strategy, state
 
-
 def oracle_spec(spec):
     """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
     rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
     return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
                    answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
-
 
 def optimizer_tensors(opt, named_params):
     """AdamW state as flat named tensors (no pickle)."""
@@ -146,13 +138,11 @@ def optimizer_tensors(opt, named_params):
                 out[f"{name}::{k}"] = torch.as_tensor(v).detach().cpu().clone()
     return out
 
-
 def load_optimizer_tensors(opt, named_params, tensors):
     for name, p in named_params:
         keys = [k for k in tensors if k.startswith(name + "::")]
         if keys:
             opt.state[p] = {k.split("::", 1)[1]: tensors[k].to(p.device) for k in keys}
-
 
 def save_checkpoint(run_dir, tensors, optim, meta):
     final = os.path.join(run_dir, "checkpoint")
@@ -169,14 +159,12 @@ def save_checkpoint(run_dir, tensors, optim, meta):
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def find_checkpoint(run_dir):
     for name in ("checkpoint", "checkpoint.old"):  # .old survives a crash between the two renames
         path = os.path.join(run_dir, name)
         if os.path.isfile(os.path.join(path, "state.json")):
             return path
     return None
-
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

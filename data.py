@@ -47,23 +47,19 @@ PREAMBLE = ("The following presents heterogeneous user data collected from multi
             "transactions, Mini Program interaction logs, Super Position Model paths, App interaction records, "
             "homepage search queries, and structured tabular features:")
 
-
 def preamble_text(value):
     """A --preamble value: 'paper' is PREAMBLE, anything else the sentence itself ('' for none)."""
     return PREAMBLE if value == "paper" else value
-
 
 # Tried in order when the tokenizer (or a tokenizer_config.json beside it) does not name them.
 EOS_CANDIDATES = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
 MAX_REASONS = 5  # how many skip reasons a LoadReport keeps
 
-
 def order_modalities(names):
     """The fixed block order: MODALITY_ORDER first (those present), then any other names sorted."""
     names = set(names)
     return [m for m in MODALITY_ORDER if m in names] + sorted(names - set(MODALITY_ORDER))
-
 
 # -----------------------------------------------------------------------------
 # Records and validation
@@ -91,10 +87,8 @@ class LoadReport:
             s += f"\n  ... and {self.n_bad - len(self.reasons)} more"
         return s
 
-
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
 
 def _is_finite(x):
     """math.isfinite, False (not OverflowError) for an int too large for a float."""
@@ -102,7 +96,6 @@ def _is_finite(x):
         return math.isfinite(x)
     except OverflowError:
         return False
-
 
 def _parse_time(t, where):
     """`time` is a number (e.g. unix seconds) or an ISO-8601 string; returns a float."""
@@ -119,7 +112,6 @@ def _parse_time(t, where):
             d = d.replace(tzinfo=datetime.timezone.utc)
         return d.timestamp()
     raise ValueError(f"{where}: expected a number or an ISO-8601 string, got {type(t).__name__}")
-
 
 def validate_record(rec, vector_dims, require=(), modalities=None):
     """Checks one parsed record in place and normalises it (time -> float, labels -> int).
@@ -190,7 +182,6 @@ def validate_record(rec, vector_dims, require=(), modalities=None):
     vector_dims.update(new_dims)
     return rec
 
-
 def decode_line(raw, lineno):
     """One line of a JSONL file (bytes) -> str. The file is decoded line by line, not as a whole, so a byte that
     is not UTF-8 is reported at its line (and --skip-bad can skip just that line). A UTF-8 byte-order mark at
@@ -202,7 +193,6 @@ def decode_line(raw, lineno):
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line "
                          f"({e.reason})") from None
-
 
 def read_jsonl(path):
     """Yields (line number, parsed JSON value) for every non-blank line of a JSONL file. Any line that is not
@@ -217,7 +207,6 @@ def read_jsonl(path):
             if value is not None:
                 yield lineno, value
 
-
 def parse_line(raw, lineno):
     """One JSONL line (bytes) -> its JSON value, or None for a blank line; ValueError when not UTF-8 or not JSON."""
     line = decode_line(raw, lineno)
@@ -227,7 +216,6 @@ def parse_line(raw, lineno):
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-
 
 def iter_records(path, skip_bad=False, report=None, require=(), modalities=None):
     """Streams validated records from a JSONL file, one line at a time. Blank lines are ignored.
@@ -262,7 +250,6 @@ def iter_records(path, skip_bad=False, report=None, require=(), modalities=None)
     if report.n_bad:
         print(f"warning: {report}", file=sys.stderr)
 
-
 def load_records(path, skip_bad=False, require=(), vector_dims=None, modalities=None):
     """All records of a file (one streaming pass) and the LoadReport. require: ('answer',) to
     train, ('labels',) to probe. vector_dims, modalities: those of a trained encoder, to check the
@@ -274,7 +261,6 @@ def load_records(path, skip_bad=False, require=(), vector_dims=None, modalities=
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
     return records, report
 
-
 # -----------------------------------------------------------------------------
 # Tokenizer
 
@@ -283,14 +269,12 @@ def _config_token(config, key):
     t = config.get(key)
     return t.get("content") if isinstance(t, dict) else t
 
-
 # -----------------------------------------------------------------------------
 # Template (App. A.1, Eq. 10: x_i = u_i ⊕ [q_i] ⊕ <USER>)
 
 def event_piece(text):
     """How one event's text enters the sequence: ' {text};' (';' ends an event)."""
     return " " + text + ";"
-
 
 class Template:
     """Turns a record into token ids.
@@ -477,7 +461,6 @@ class Template:
         ids = self._encode_texts([a], f"user {record.get('user_id')}: answer")[0]
         return ids[: self.max_answer_len - 1] + [self.eos_id]
 
-
 # -----------------------------------------------------------------------------
 # Dataset and batches
 
@@ -506,7 +489,6 @@ class UserDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.examples[i]
 
-
 @dataclass
 class Side:
     """One tower's inputs. vectors[m]: (N_m, F_m) float32; vector_pos[m]: (N_m, 2) long (row, col)."""
@@ -523,7 +505,6 @@ class Side:
                     {m: p.to(device) for m, p in self.vector_pos.items()},
                     None if self.history is None else self.history.to(device))
 
-
 @dataclass
 class Batch:
     user: Side
@@ -536,7 +517,6 @@ class Batch:
         return Batch(self.user.to(device), self.answer.to(device) if self.answer is not None else None,
                      self.user_ids, self.labels, self.index.to(device))
 
-
 def pad(seqs, pad_id):
     """Right-pad token lists: -> ids (B, L) long, attention_mask (B, L) long, L = the longest."""
     L = max(len(s) for s in seqs)
@@ -546,7 +526,6 @@ def pad(seqs, pad_id):
         ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
         att[r, : len(s)] = 1
     return ids, att
-
 
 def collate(examples):
     """Pads to the longest sequence in the batch (right padding). Every modality of the template's

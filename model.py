@@ -128,7 +128,7 @@ def rope_inv_freq(config, device=None):
     """(head_dim/2,) fp32 inverse frequencies, with the llama3 long-context rescaling when configured."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-    if (rs := config.rope_scaling) is not None:  # llama3: keep high frequencies, low ones / `factor`, blend between
+    if (rs := config.rope_scaling) is not None:  # llama3: high frequencies kept, low ones / factor, blended between
         factor, lo, hi, old_len = (rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                    "original_max_position_embeddings"))
         wavelen = 2 * math.pi / inv_freq
@@ -212,8 +212,8 @@ def _attend(q, k, v, mask, hd, impl):
     return att @ v                                              # (B, nh, L, hd)
 
 def holds(mask, dtype):
-    """Every open entry of the additive mask (above finfo(dtype).min) survives a cast to `dtype`: 0 / finfo.min masks
-    hold in bf16; GG-SM's log-weights (~1e-4 apart; bf16 holds log(0.5 + d) as one number for |d| < 1e-3) do not."""
+    """True when every open entry of the additive mask (above finfo(dtype).min) survives a cast to `dtype`: 0 / blocked
+    masks do in bf16; GG-SM's log-weights (~1e-4 apart; bf16 holds log(0.5 + d) as one number for |d| < 1e-3) do not."""
     return (not mask.is_floating_point() or torch.finfo(mask.dtype).bits <= torch.finfo(dtype).bits
             or bool(torch.where(mask > torch.finfo(dtype).min, mask.to(dtype).to(mask.dtype) == mask, True).all()))
 
@@ -262,10 +262,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids=None, mask=None, inputs_embeds=None, return_layer=None, position_ids=None):
         """input_ids (B, L) long, or inputs_embeds (B, L, D). mask: additive, broadcastable to (B, nh, L, L) (convention
-        in Attention), a callable mask(layer_idx, h) evaluated on the state entering each block, or None = causal.
-        position_ids (B, L): RoPE positions (a packed row restarts at 0 for each user, pack.py); None = 0..L-1.
-        -> final normed hidden (B, L, D); with return_layer=k, (hidden, h_k), h_k entering block k (k = n_layers:
-        hidden itself)."""
+        in Attention), a callable mask(layer_idx, h) on the state entering each block, or None = causal. position_ids
+        (B, L): RoPE positions (a packed row restarts at 0 per user, pack.py); None = 0..L-1. -> the final normed
+        hidden (B, L, D); with return_layer=k, (hidden, h_k), h_k the tensor entering block k (k = n_layers: hidden)."""
         cfg, emb, n = self.config, self.model.embed_tokens, self.config.num_hidden_layers
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward: pass exactly one of input_ids and inputs_embeds")
@@ -291,6 +290,7 @@ class Decoder(nn.Module):
         cos, sin = freqs.cos().to(h.dtype), freqs.sin().to(h.dtype)  # computed in fp32, cast at the end (as HF does)
         mask = causal_additive(L, h.dtype, h.device) if mask is None else mask
         compute = compute_dtype(h)  # bf16 under bf16 autocast or with bf16 weights
+
         def prepare(m):  # cast to the compute dtype; clamp so a sum of blocks is finfo.min, never -inf
             if m.dim() > 4 or m.shape[-2:] != (L, L):
                 raise ValueError(f"Decoder.forward: mask shape {tuple(m.shape)} not broadcastable to (B, nh, {L}, {L})")
@@ -529,7 +529,10 @@ class UserEncoder(nn.Module):
                              f"vocabulary [0, {V}) nor special tokens")
         x = emb(input_ids.clamp(0, V - 1))                  # ids >= V looked up as V-1, replaced just below
         if len(self.special_ids):  # (argmax over zero special tokens is undefined)
-            special = self.special_embeds[hit.long().argmax(-1)].to(x.dtype)  # (B, L, D)
+            # F.embedding, not special_embeds[...]: indexing's backward is index_put_(accumulate=True), which on
+            # 2+ CPU threads adds a row's many tokens in any order (same-seed runs differed); embedding's backward
+            # adds them in token order, bit for bit the 1-thread sum
+            special = F.embedding(hit.long().argmax(-1), self.special_embeds).to(x.dtype)  # (B, L, D)
             x = torch.where(is_special[..., None], special, x)
         vectors, vector_pos = vectors or {}, vector_pos or {}
         if set(vectors) != set(vector_pos):

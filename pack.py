@@ -21,7 +21,6 @@ pack and unpack are gathers and index_puts, so gradients flow through them both 
 """
 import torch
 
-
 class Packing:
     """Where each user of a right-padded (B, L) batch sits in the packed (R, Lp) batch."""
 
@@ -92,7 +91,6 @@ class Packing:
         what it returns."""
         return lambda layer_idx, h: self.mask(mask(layer_idx, self.unpack(h)))
 
-
 def first_fit(lengths, capacity):
     """First-fit decreasing: the longest users first, each into the first row with room (ties by index: stable).
     -> (row of each user, its first slot there, tokens in each row)."""
@@ -108,7 +106,6 @@ def first_fit(lengths, capacity):
         fill[r] += lengths[b]
     return row_of, offset, fill
 
-
 def best_capacity(lengths, key_cost, factors=(1.0, 1.25, 1.5, 2.0)):
     """The row length, among `factors` x the longest user, whose packed batch costs the fewest multiply-adds:
     R rows of Lp slots cost R * Lp * (1 + key_cost * Lp), 1 for the projections of a slot and key_cost for
@@ -122,7 +119,6 @@ def best_capacity(lengths, key_cost, factors=(1.0, 1.25, 1.5, 2.0)):
         return len(fill) * max(fill) * (1 + key_cost * max(fill))
 
     return min((int(f * longest) for f in factors), key=cost)
-
 
 def key_cost(config):
     """Attention's multiply-adds per key of a row (Q K^T and P V, every head) over the projections' per token

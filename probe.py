@@ -44,7 +44,6 @@ DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # log grid of scikit-le
 # -----------------------------------------------------------------------------
 # ROC-AUC by ranks
 
-
 def roc_auc(labels, scores) -> float:
     """Area under the ROC curve = P(score of a random positive > score of a random negative),
     ties counted one half. Computed as the Mann-Whitney U statistic from average ranks:
@@ -76,18 +75,14 @@ def roc_auc(labels, scores) -> float:
     u = ranks[y].sum() - n1 * (n1 + 1) / 2.0  # Mann-Whitney U of the positives
     return float(u / (n1 * n0))
 
-
 # -----------------------------------------------------------------------------
 # L2 logistic regression, damped Newton
-
 
 def _log1pexp(z):
     return np.logaddexp(0.0, z)  # log(1 + e^z) without overflow
 
-
 def _expit(z):
     return np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z), full relative precision at both tails
-
 
 class LogisticRegression:
     """Binary logistic regression with an L2 penalty on the weights (not the intercept):
@@ -193,10 +188,8 @@ class LogisticRegression:
     def decision_function(self, X):
         return np.asarray(X, dtype=np.float64) @ self.coef_ + self.intercept_
 
-
 # -----------------------------------------------------------------------------
 # probe fitting: standardisation, cross-validated penalty
-
 
 def standardise(X_train):
     """Per-column mean and scale of the training rows; apply as (X - mean) / scale to any split.
@@ -206,7 +199,6 @@ def standardise(X_train):
     scale = X_train.std(axis=0)
     scale[scale < 1e-12 * max(1.0, float(np.abs(mean).max(initial=0.0)))] = 1.0
     return mean, scale
-
 
 def stratified_folds(y, folds, seed=0):
     """Fold id in [0, folds) per row; each class is shuffled and dealt round-robin, so every fold
@@ -222,7 +214,6 @@ def stratified_folds(y, folds, seed=0):
         dealt += len(idx)
     return fold
 
-
 @dataclass
 class Probe:
     """A fitted probe: standardisation of the training users + logistic regression at the chosen C."""
@@ -234,7 +225,6 @@ class Probe:
 
     def decision_function(self, X):
         return self.model.decision_function((np.asarray(X, dtype=np.float64) - self.mean) / self.scale)
-
 
 def fit_probe(X_train, y_train, Cs=DEFAULT_CS, folds=5, seed=0) -> Probe:
     """Choose C by stratified K-fold cross-validation ROC-AUC on the training users only (features
@@ -272,10 +262,8 @@ def fit_probe(X_train, y_train, Cs=DEFAULT_CS, folds=5, seed=0) -> Probe:
     model = LogisticRegression(C=best).fit((X - mean) / scale, y)
     return Probe(mean=mean, scale=scale, model=model, C=best, cv_auc=cv_auc)
 
-
 # -----------------------------------------------------------------------------
 # tasks: split, probe, table
-
 
 def split_users(user_ids, test_frac=None, salt="probe") -> np.ndarray:
     """is_test (n,) bool: sha256("{salt}:{user_id}") read as a uniform number in [0, 1) is below
@@ -289,12 +277,10 @@ def split_users(user_ids, test_frac=None, salt="probe") -> np.ndarray:
         out[i] = int.from_bytes(h[:8], "big") / 2.0**64 < test_frac
     return out
 
-
 def task_order(names):
     """The paper's task order, then any other task names sorted."""
     names = set(names)
     return [t for t in data.TASKS if t in names] + sorted(names - set(data.TASKS))
-
 
 def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5, seed=0,
                 test_frac=None, salt="probe", scores_out=None) -> dict:
@@ -345,12 +331,10 @@ def probe_tasks(embeddings, user_ids, labels, tasks=None, Cs=DEFAULT_CS, folds=5
         results[task] = res
     return results
 
-
 def mean_auc(tasks: dict):
     """Mean AUC over the tasks that have one (status entries are not averaged); None if none."""
     aucs = [r["auc"] for r in tasks.values() if "auc" in r]
     return float(np.mean(aucs)) if aucs else None
-
 
 def format_table(rows) -> str:
     """Markdown table in the layout of the paper's Table 2. rows: list of (name, tasks) where tasks is
@@ -368,7 +352,6 @@ def format_table(rows) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
 def _auc_by_groups(y, scores, rows):
     """Precomputes what a weighted AUC needs (sort once, reweight many times): -> f(weights per user row)."""
     order = np.argsort(scores, kind="mergesort")
@@ -382,7 +365,6 @@ def _auc_by_groups(y, scores, rows):
         return float((w_pos * (below + 0.5 * w_neg)).sum() / (w_pos.sum() * w_neg.sum()))
 
     return auc
-
 
 def bootstrap_mean_auc(score_sets, n_boot=1000, seed=0):
     """Mean AUC over tasks on n_boot bootstrap resamples of the probe-test users, drawn jointly for every task
@@ -404,10 +386,8 @@ def bootstrap_mean_auc(score_sets, n_boot=1000, seed=0):
             out[b] = [np.nanmean([f(weights) for f in row]) for row in aucs]
     return out
 
-
 # -----------------------------------------------------------------------------
 # embeddings: compute, save, load
-
 
 def save_embeddings(path, embeddings, user_ids, metadata=None):
     """Write embeddings (N, E) to a .safetensors file, the user ids (JSON list) in its metadata,
@@ -422,7 +402,6 @@ def save_embeddings(path, embeddings, user_ids, metadata=None):
     save_file({"embeddings": E}, tmp, metadata=meta)
     os.replace(tmp, path)
 
-
 def load_embeddings(path):
     """-> (embeddings (N, E) np.ndarray, user_ids list[str], metadata dict without user_ids)."""
     from safetensors import safe_open
@@ -436,26 +415,19 @@ def load_embeddings(path):
         raise ValueError(f"load_embeddings: {path}: {len(E)} embeddings but {len(user_ids)} user ids")
     return E, user_ids, meta
 
-
 def progress(done, total, text, stream=None):
-    """Progress of `done` of `total` items. On a terminal: one line rewritten in place ('\\r'; the caller ends it
-    with a newline). Anywhere else (a log file, a pipe), '\\r' would join every update into one long line, so a
-    plain line is printed at the first item, at each quarter and at the last one instead (every item when the
-    total is unknown)."""
+    """Progress of `done` of `total` items: on a terminal one line rewritten in place (the caller ends it); elsewhere
+    (a log, a pipe) a plain line at the first item, each quarter and the last (every item when total is None)."""
     stream = sys.stderr if stream is None else stream
     if stream.isatty():
         print(f"\r{text}\033[K", end="", file=stream, flush=True)
     elif total is None or done in {1, total} | {math.ceil(total * q / 4) for q in (1, 2, 3)}:
         print(text, file=stream, flush=True)
 
-
 def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
-    """Embed users with the frozen encoder, without gradients, in eval mode.
-    batches: iterable of data.Side (or data.Batch, whose .user side is used).
-    mask_fn(attention_mask, dtype, history=...) -> the strategy's inference mask (a tensor or a per-layer callable),
-    e.g. Strategy.inference_mask (history: the side's user-history segment); None means the encoder's default
-    (causal).
-    Returns (N, E) float32, in batch order."""
+    """(N, E) float32 embeddings, in batch order, of the users of batches (data.Side, or data.Batch: its .user)
+    by the frozen encoder in eval mode. mask_fn(attention_mask, dtype, history=...): e.g. Strategy.inference_mask;
+    None: the encoder's default (causal)."""
     dtype = next(encoder.parameters()).dtype
     total = len(batches) if hasattr(batches, "__len__") else None
     was_training = encoder.training
@@ -479,7 +451,6 @@ def embed_users(encoder, batches, mask_fn, device) -> np.ndarray:
         raise ValueError("embed_users: no batches")
     return np.concatenate(out, axis=0)
 
-
 def embed_dataset(encoder, ds, strategy, device, batch_size=64):
     """Embeddings (N, E) of an encoded dataset (data.UserDataset, or tools/cache.py's EncodedDataset) in its order,
     under the strategy's inference mask. Users are batched by length (less padding); the result does not depend
@@ -491,11 +462,9 @@ def embed_dataset(encoder, ds, strategy, device, batch_size=64):
     out[order] = emb
     return out
 
-
 def embed_records(encoder, template, strategy, records, device, batch_size=64):
     """embed_dataset of records (dicts) encoded in memory, in their order."""
     return embed_dataset(encoder, data.UserDataset(records, template, with_answer=False), strategy, device, batch_size)
-
 
 def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
     """User embeddings of a trained encoder: (N, E) float32 NumPy, row i = record i (file order), each row
@@ -505,11 +474,9 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
         E = probe.encode("runs/default/checkpoint", "users.jsonl")                      # (N, E)
         E = probe.encode("runs/default/checkpoint", [{"events": [{"modality": "bill", "text": "gym 80"}]}])
 
-    checkpoint_dir: a run's checkpoint/ folder (train.py). records: a JSONL path, or a list of record dicts
-    (the record of data.py; neither `answer` nor `labels` is needed, `user_id` is optional). A record the encoder
-    cannot read (a modality it was not trained on, a vector of another length) is an error naming
-    file:line (or records[i]); skip_bad=True skips such lines of a file instead (reported on stderr), so the
-    rows then follow the records kept. device: a torch device (default: cuda when available, else cpu)."""
+    records: a JSONL path, or a list of record dicts (neither `answer` nor `labels` needed, `user_id` optional). A
+    record the encoder cannot read (an unknown modality, a vector of another length) is an error naming file:line
+    (or records[i]); skip_bad=True skips such lines of a file (reported), the rows then follow the records kept."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder, template, strategy, state = load(checkpoint_dir, device, "encode")
     spec = state["spec"]
@@ -537,7 +504,6 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
                          f"{sorted(spec.vector_dims)} only")
     return embed_records(encoder, template, strategy, records, device, batch_size)
 
-
 def load(checkpoint_dir, device, who):
     """A run's checkpoint folder -> (encoder with LoRA merged, template, strategy, state): ready to embed."""
     if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
@@ -546,16 +512,13 @@ def load(checkpoint_dir, device, who):
     model.merge_lora(encoder)  # W + (alpha / r) B A once: the same function, cheaper to run
     return encoder, template, strategy, state
 
-
 # -----------------------------------------------------------------------------
 # the results table: the trained row, the Oracle row, their paired difference
 
-
 def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None, test_frac=None):
-    """Probe every task, print the Table 2 row with the mean AUC's standard error (bootstrap over test users),
-    write probe.json (docs/results.md shows its layout); returns its dict. baseline: optional (name, embeddings) of the
-    same users, e.g. the untrained Oracle: probed alike, stored under its name, printed above, and the
-    difference of mean AUCs reported with its paired bootstrap standard error under "delta"."""
+    """Probe every task, print the Table 2 rows with their mean AUC's bootstrap standard error, write probe.json;
+    -> its dict. baseline: (name, embeddings) of the same users, e.g. the Oracle: probed alike, stored under its
+    name, and the difference of mean AUCs with its paired bootstrap standard error under "delta"."""
     ids, labels = [r["user_id"] for r in records], [r.get("labels") or {} for r in records]
     rows = [(name, embeddings)] + ([baseline] if baseline else [])
     results, scores = [], []
@@ -581,12 +544,10 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, b
         ckpt.write_json(out, result)
     return result
 
-
 def labelled_users(data_path, template, cache_root=None, skip_bad=False):
-    """-> (dataset, records: user ids and labels) of the labelled users of data_path, encoded by template: from
-    an encoded cache under cache_root (tools/cache.py; built on first use, one per template) or, with cache_root
-    None, read in memory; the embeddings are the same. The event form is read in memory (the cache holds token
-    ids, the event form vectors of the base model's embeddings)."""
+    """-> (dataset, records: user ids and labels) of data_path encoded by template: from an encoded cache under
+    cache_root (tools/cache.py; built on first use, one per template), or read in memory (cache_root None, or the
+    event form, whose vectors the cache does not hold); the same embeddings either way."""
     if cache_root is None or template.event_modalities:
         records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
         ds = data.UserDataset(records, template, with_answer=False)
@@ -600,7 +561,6 @@ def labelled_users(data_path, template, cache_root=None, skip_bad=False):
     if report.n_bad:
         print(f"warning: {report}", file=sys.stderr)
     return ds, records
-
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
         batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None, test_frac=None):
@@ -618,7 +578,6 @@ def run(encoder, template, strategy, data_path, device, name, checkpoint=None, o
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
     return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac)
-
 
 def main(argv=None):
     import argparse
@@ -688,7 +647,6 @@ def main(argv=None):
                    args.batch_size, args.export, args.seed, cache_root=root, test_frac=args.test_frac)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

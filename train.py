@@ -39,9 +39,6 @@ import probe
 # mean pairwise cosine above COLLAPSE_COSINE (measured: a collapsed run sits at cosine 0.99-1.00, effective rank
 # 2.4-3.0; a learning one at cosine -0.03, effective rank 17-19 of 32)
 COLLAPSE_RANK, COLLAPSE_COSINE = 2.0, 0.9
-MASK_OPTION_FLAGS = {"capture_layer": "--capture-layer", "ema": "--importance-ema", "normalize": "--importance-norm",
-                     "segment": "--hybrid-segment"}  # strategy options that also have a flag of their own
-
 
 def mask_option(text):
     """'key=value' -> (key, value); value read as JSON where it parses (numbers, true/false), else as text."""
@@ -52,7 +49,6 @@ def mask_option(text):
         return key.replace("-", "_"), json.loads(value)
     except ValueError:
         return key.replace("-", "_"), value
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -138,14 +134,12 @@ def get_args(argv=None):
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop after step N's checkpoint, as if killed
     return p.parse_args(argv)
 
-
 def mask_options(args):
     """The strategy's keyword arguments: the alias flags, then every --mask-option (a later one wins)."""
     opts = {"capture_layer": args.capture_layer, "ema": args.importance_ema, "normalize": args.importance_norm,
             "segment": args.hybrid_segment}
     opts.update(dict(args.mask_option))
     return opts
-
 
 # -----------------------------------------------------------------------------
 # distributed helpers and data order
@@ -160,7 +154,6 @@ def gather_keep_grad(x, rank, world):
     parts[rank] = x
     return torch.cat(parts)
 
-
 # one permutation per epoch, every global batch split rank-major into micro-batches, so the gathered micro-batch is
 # the same users in the same order for any world size (and resume needs only `step`)
 def micro_indices(n_users, step, batch_size, micro, world, rank, m, seed):
@@ -172,11 +165,9 @@ def micro_indices(n_users, step, batch_size, micro, world, rank, m, seed):
     start = k * batch_size + (m * world + rank) * micro
     return perm[start:start + micro].tolist()
 
-
 def micro_batch(dataset, idx, device):
     """The users idx, shortest first, collated (padded to the longest; packing, if on, happens in the encoder)."""
     return data.collate([dataset[i] for i in sorted(idx, key=lambda i: dataset.lengths[i])]).to(device)
-
 
 def make_optimizer(named, args):
     """AdamW with two groups: the LoRA factors at --lr, and what starts from scratch (new token rows, modality
@@ -186,14 +177,12 @@ def make_optimizer(named, args):
     groups = [{"params": ps, "lr_mult": m} for ps, m in ((lora, 1.0), (new, args.new_lr_mult)) if ps]
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
-
 def lr_at(step, args):
     """Linear warm-up, then cosine decay to 0 at --steps."""
     if step < args.lr_warmup:
         return args.lr * (step + 1) / args.lr_warmup
     frac = (step - args.lr_warmup) / max(1, args.steps - args.lr_warmup)
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
-
 
 # -----------------------------------------------------------------------------
 # one optimizer step
@@ -215,7 +204,6 @@ class DualTower(nn.Module):
         u, h = out if capture_layer is not None else (out, None)
         a = self.encoder(answer.input_ids, answer.attention_mask, answer.pool_index, mask=answer_mask, finish=False)
         return u, a, h
-
 
 def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1.0, rank=0, world=1,
                autocast=nullcontext()):
@@ -263,7 +251,6 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
     strategy.end_step(step)
     return out
 
-
 # -----------------------------------------------------------------------------
 # setup: arguments, data, base model, the encoder
 
@@ -276,7 +263,6 @@ def make_spec(args, model_dir, report):
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
         projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")],
         event_modalities=[m for m in args.event_modalities.split(",") if m], preamble=args.preamble)
-
 
 def parse_run(argv=None):
     """The command line. With --resume: the run's own arguments (but for the few a resume may change) and its
@@ -299,7 +285,6 @@ def parse_run(argv=None):
         sys.exit(f"error: --resume: {e}")
     return argparse.Namespace(**saved), state
 
-
 def check_args(args, world):
     """Fail on bad arguments before any work; -> micro-steps per optimizer step."""
     if args.batch_size % (args.micro_batch * world):
@@ -316,7 +301,6 @@ def check_args(args, world):
             sys.exit(f"error: {flag} {path}: no such file")
     return args.batch_size // (args.micro_batch * world)
 
-
 def prepare_paths(args, ddp, master, log):
     """-> (train path, probe path). The embedded benchmark is written once by rank 0 into the cache."""
     train_path, probe_path = args.data, args.probe_data
@@ -332,7 +316,6 @@ def prepare_paths(args, ddp, master, log):
         probe_path = probe_path or os.path.join(syn_dir, "probe.jsonl")
     return train_path, probe_path
 
-
 def load_train_records(args, train_path, log):
     """-> (training records, their LoadReport): the whole file in memory (--data-cache off, the small decoder's build)."""
     try:
@@ -342,7 +325,6 @@ def load_train_records(args, train_path, log):
     if report.n_bad:
         log(str(report))
     return records, report
-
 
 def prepare_model(args, load_records, train_path, ddp, master, device, log):
     """-> the base model folder: --model, or the small decoder built (once, by rank 0) from the training data.
@@ -358,11 +340,6 @@ def prepare_model(args, load_records, train_path, ddp, master, device, log):
         dist.barrier()
     return model_dir
 
-
-def data_cache_root(args, path):
-    return os.path.join(os.path.dirname(os.path.abspath(path)), "encoded") if args.data_cache is None else args.data_cache
-
-
 def restore(state, towers, strategy, opt, named, rank, world, device):
     """Load a checkpoint's trainable tensors, strategy state, optimizer state and this rank's RNG; -> its step."""
     path = state["path"]
@@ -375,7 +352,6 @@ def restore(state, towers, strategy, opt, named, rank, world, device):
     else:  # another world size: a fresh, reproducible stream
         torch.manual_seed(state["args"]["seed"] + 1000 * rank + state["step"])
     return state["step"]
-
 
 def write_checkpoint(args, step, spec, towers, strategy, opt, named, n_users, world, master):
     """Every rank joins (the RNG gather and the replica check are collectives); rank 0 writes."""
@@ -392,13 +368,11 @@ def write_checkpoint(args, step, spec, towers, strategy, opt, named, n_users, wo
     if master:
         ckpt.save_checkpoint(args.out, tensors, ckpt.optimizer_tensors(opt, named), meta)
 
-
 # -----------------------------------------------------------------------------
 # logs
 
 def is_log_step(args, step):
     return step % args.log_every == 0 or step + 1 == args.steps
-
 
 def measured(mask, attention_mask):
     """The mask unchanged; a per-layer callable (hybrid_mlp) wrapped to keep, in .future_weights, the mean future
@@ -414,14 +388,12 @@ def measured(mask, attention_mask):
     wrapped.future_weights = []
     return wrapped
 
-
 def future_weight(masks):
     """The mean future weight of the user masks as used (Fig. 1's "Soft Mask Average Weight"): a tensor mask
     measured here, a per-layer callable as it was measured at each evaluation (measured)."""
     seen = [w for mask, am in masks
             for w in (mask.future_weights if callable(mask) else [ggsm.mean_future_weight(mask, am)])]
     return float(np.mean(seen)) if seen else float("nan")
-
 
 def log_step(args, step, out, lr, strategy, meter, world, log):
     """The progress bar (on a terminal; off one, a line at each quarter of the run), and every --log-every steps a
@@ -450,14 +422,12 @@ def log_step(args, step, out, lr, strategy, meter, world, log):
               "same-side negatives); see metrics.jsonl", file=sys.stderr, flush=True)
     meter.update(t=time.time(), tokens=0)
 
-
 def start_metrics(path, start):
     """A fresh run starts a new log; a resumed one keeps what was logged before its checkpoint's step."""
     if os.path.exists(path):
         kept = [rec for _, rec in data.read_jsonl(path) if rec["step"] < start]  # a damaged line is named by file:line
         with open(path, "w") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in kept)  # as log_step wrote them
-
 
 # -----------------------------------------------------------------------------
 # distributed setup and teardown
@@ -475,13 +445,11 @@ def setup_dist():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ddp, rank, world, device
 
-
 def shutdown(ddp):
     """Leave together: a rank that tears gloo down while another still writes can abort the job."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-
 
 def replica_max_diff(tensors):
     """Largest difference of any trainable value between ranks (0.0 when the replicas agree, as they must)."""
@@ -490,7 +458,6 @@ def replica_max_diff(tensors):
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     return (hi - lo).abs().max().item()
-
 
 # -----------------------------------------------------------------------------
 
@@ -581,14 +548,13 @@ def main(argv=None):
     result = None  # the trained encoder under the strategy's inference mask, probed by rank 0
     if master and not args.no_probe and probe_path:
         model.merge_lora(towers.encoder)  # training is over (the checkpoint is written): embed without the LoRA branch
-        cached = args.data_cache != "off" and not args.event_modalities
+        root = args.data_cache or os.path.join(os.path.dirname(os.path.abspath(probe_path)), "encoded")
         result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
                            checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
                            skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else ckpt.oracle_spec(spec),
-                           cache_root=data_cache_root(args, probe_path) if cached else None)
+                           cache_root=None if args.data_cache == "off" else root)
     shutdown(ddp)
     return result
-
 
 if __name__ == "__main__":
     main()
