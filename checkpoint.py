@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -124,9 +125,11 @@ def load_checkpoint(checkpoint_dir, device="cpu"):
 
 def oracle_spec(spec):
     """The paper's Oracle row for a run: its base model, untrained, under the causal mask (no LoRA; new token
-    rows at their initial values, adapters freshly initialised), with the run's lengths and pooling."""
+    rows at their initial values, adapters freshly initialised), in the run's input form (template, lengths,
+    event-form modalities) and pooling, so that the difference to the trained row is paired."""
     return RunSpec(spec.base_model, spec.modalities, spec.vector_dims, dtype=spec.dtype, max_len=spec.max_len,
-                   answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble)
+                   answer_max_len=spec.answer_max_len, pooling=spec.pooling, preamble=spec.preamble,
+                   event_modalities=list(spec.event_modalities))
 
 def optimizer_tensors(opt, named_params):
     """AdamW state as flat named tensors (no pickle)."""
@@ -172,3 +175,29 @@ def write_json(path, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+def save_embeddings(path, embeddings, user_ids, metadata=None):
+    """Write embeddings (N, E) to a .safetensors file, the user ids (JSON list) in its metadata,
+    plus any extra string metadata (mask, checkpoint). Written to a temporary file, then renamed."""
+    from safetensors.numpy import save_file
+    E = np.ascontiguousarray(embeddings)
+    if E.ndim != 2 or len(E) != len(user_ids):
+        raise ValueError(f"save_embeddings: embeddings {E.shape} and {len(user_ids)} user_ids do not match")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta["user_ids"] = json.dumps([str(u) for u in user_ids])
+    tmp = f"{path}.tmp"
+    save_file({"embeddings": E}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+def load_embeddings(path):
+    """-> (embeddings (N, E) np.ndarray, user_ids list[str], metadata dict without user_ids)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        if "embeddings" not in f.keys() or "user_ids" not in meta:
+            raise ValueError(f"load_embeddings: {path} has no 'embeddings' tensor or no 'user_ids' metadata")
+        E = f.get_tensor("embeddings")
+    user_ids = json.loads(meta.pop("user_ids"))
+    if len(user_ids) != len(E):
+        raise ValueError(f"load_embeddings: {path}: {len(E)} embeddings but {len(user_ids)} user ids")
+    return E, user_ids, meta

@@ -1,34 +1,23 @@
-"""User records, the paper's input template, and batching.
+"""User records, the paper's input template, and batching (nothing here is model code).
 
-What this file holds (nothing here is model code; the modality adapters live in model.py):
-- the JSONL record schema and its validation (`iter_records`, `load_records`): every bad line is an
-  error naming `file:line` and the field, or, with `skip_bad=True`, is skipped and counted in a
-  `LoadReport` that is printed (never dropped silently);
-- the input template of App. A.1 / Eq. 10 of "How Do Decoder-Only LLMs Perceive Users? Rethinking
-  Attention Masking for User Representation Learning" (arXiv 2602.10622):
+- the JSONL record (one JSON object per line; docs/data.md) and its validation (`iter_records`, `load_records`):
+  every bad line is an error naming `file:line` and the field, or, with `skip_bad=True`, is skipped and counted
+  in a `LoadReport` that is printed (never dropped silently);
+- the input template of App. A.1 / Eq. 10 of arXiv 2602.10622, tokenized with `tokenizers`:
       {PREAMBLE} <bill> … </bill> <minipro> … </minipro> <spm> … </spm> <app> … </app> <search> … </search>
       <tabular> … </tabular> Instruction: {query} <USER>
-  tokenized with `tokenizers`; events that carry a `vector` become one `<VEC>` placeholder whose
-  position and vector travel with the batch (model.py splices the adapter output in);
-- `UserDataset`, `collate` (dynamic right padding).
-
-The embedded synthetic benchmark is written by tools/synthetic.py, the small default decoder's tokenizer by
-tools/tiny_decoder.py.
-
-The record (one JSON object per line):
-    {"user_id": "u42",
-     "events": [{"modality": "bill", "time": 1731196800, "text": "grocery 30.00"},
-                {"modality": "tabular", "vector": [0.1, -2.0, 3.5]}],
-     "query": "Which offers will this user open next month?",       # optional
-     "answer": "cinema tickets; food delivery",                       # needed to train
-     "labels": {"movie": 1, "transit": 0}}                            # needed to probe
+  an event that carries a `vector` becomes one `<VEC>` placeholder whose position and vector travel with the
+  batch (model.py splices the adapter output in);
+- `UserDataset`, `collate` (dynamic right padding); hand-made features of the records (probe.py's baseline rows).
 """
 
 import datetime
 import json
 import math
 import os
+import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -550,3 +539,40 @@ def collate(examples):
         answer = Side(a_ids, a_att, a_att.sum(1) - 1, {}, {})  # EOS is the last real token
     return Batch(user, answer, [e["user_id"] for e in examples], [e["labels"] for e in examples],
                  torch.tensor([e["index"] for e in examples], dtype=torch.long))
+
+# -----------------------------------------------------------------------------
+# hand-made features of the same records (probe.py's baseline rows)
+
+BAG_WORDS, BAG_MIN_USERS = 128, 5  # more words cost probe time and lose AUC (docs/results.md)
+
+
+def bag_of_events(records, n_words=BAG_WORDS, min_users=BAG_MIN_USERS):
+    """(N, F) TF-IDF bag of each user's event words, a word counted per modality ("metro" in a bill and in a
+    search are two columns): tf = 1 + ln(count), idf = ln((1 + N) / (1 + df)) + 1, rows L2-normalised, as
+    scikit-learn's TfidfVectorizer(sublinear_tf=True); the n_words words held by the most users (at least
+    min_users; ties by name). Unsupervised, like the embedding: no label is read."""
+    docs = [Counter((ev["modality"], w) for ev in r["events"] if ev.get("text") is not None
+                    for w in re.findall(r"[^\W_]+", ev["text"].lower())) for r in records]
+    df = Counter(t for d in docs for t in d)
+    terms = sorted((t for t, c in df.items() if c >= min_users), key=lambda t: (-df[t], t))[:n_words]
+    col = {t: j for j, t in enumerate(terms)}
+    X = np.zeros((len(docs), len(terms)))
+    for i, d in enumerate(docs):
+        for t, n in d.items():
+            if t in col:
+                X[i, col[t]] = 1.0 + math.log(n)
+    X *= np.array([math.log((1 + len(docs)) / (1 + df[t])) + 1.0 for t in terms])
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)  # an all-zero row stays zero
+
+
+def tabular_vectors(records):
+    """(N, F) each user's mean vector per vector modality (sorted by name), zeros where none; None when no
+    record carries a vector."""
+    mods = sorted({ev["modality"] for r in records for ev in r["events"] if ev.get("vector") is not None})
+    blocks = []
+    for m in mods:
+        vs = [[ev["vector"] for ev in r["events"] if ev["modality"] == m and ev.get("vector") is not None]
+              for r in records]
+        width = len(next(v for v in vs if v)[0])
+        blocks.append(np.array([np.mean(v, axis=0) if v else np.zeros(width) for v in vs]))
+    return np.hstack(blocks) if blocks else None

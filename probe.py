@@ -24,7 +24,6 @@ form of the AUC; Boyd & Vandenberghe, Convex Optimization §9.5 (damped Newton, 
 
 import copy
 import hashlib
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt
+from checkpoint import load_embeddings, save_embeddings  # noqa: F401 (probe's public names)
 import data
 import model
 
@@ -337,10 +337,8 @@ def mean_auc(tasks: dict):
     return float(np.mean(aucs)) if aucs else None
 
 def format_table(rows) -> str:
-    """Markdown table in the layout of the paper's Table 2. rows: list of (name, tasks) where tasks is
-    probe_tasks' dict (or a probe.json dict holding it under "tasks", whose "mean_auc_se" is printed as
-    Avg ± SE). One column per task in the paper's order then others, then Avg over that row's tasks with
-    an AUC; 4 decimals; "—" where there is none."""
+    """Markdown table in the layout of Table 2. rows: (name, probe_tasks' dict, or a probe.json dict whose
+    "mean_auc_se" is printed as Avg ± SE); columns: the tasks in the paper's order, then Avg; "—" where none."""
     ses = [t.get("mean_auc_se") if isinstance(t.get("tasks"), dict) else None for _, t in rows]
     rows = [(name, t["tasks"] if isinstance(t.get("tasks"), dict) else t) for name, t in rows]
     cols = task_order({task for _, t in rows for task in t})
@@ -387,33 +385,7 @@ def bootstrap_mean_auc(score_sets, n_boot=1000, seed=0):
     return out
 
 # -----------------------------------------------------------------------------
-# embeddings: compute, save, load
-
-def save_embeddings(path, embeddings, user_ids, metadata=None):
-    """Write embeddings (N, E) to a .safetensors file, the user ids (JSON list) in its metadata,
-    plus any extra string metadata (mask, checkpoint). Written to a temporary file, then renamed."""
-    from safetensors.numpy import save_file
-    E = np.ascontiguousarray(embeddings)
-    if E.ndim != 2 or len(E) != len(user_ids):
-        raise ValueError(f"save_embeddings: embeddings {E.shape} and {len(user_ids)} user_ids do not match")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta["user_ids"] = json.dumps([str(u) for u in user_ids])
-    tmp = f"{path}.tmp"
-    save_file({"embeddings": E}, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-def load_embeddings(path):
-    """-> (embeddings (N, E) np.ndarray, user_ids list[str], metadata dict without user_ids)."""
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        if "embeddings" not in f.keys() or "user_ids" not in meta:
-            raise ValueError(f"load_embeddings: {path} has no 'embeddings' tensor or no 'user_ids' metadata")
-        E = f.get_tensor("embeddings")
-    user_ids = json.loads(meta.pop("user_ids"))
-    if len(user_ids) != len(E):
-        raise ValueError(f"load_embeddings: {path}: {len(E)} embeddings but {len(user_ids)} user ids")
-    return E, user_ids, meta
+# embeddings (saved and loaded by checkpoint.py)
 
 def progress(done, total, text, stream=None):
     """Progress of `done` of `total` items: on a terminal one line rewritten in place (the caller ends it); elsewhere
@@ -513,14 +485,17 @@ def load(checkpoint_dir, device, who):
     return encoder, template, strategy, state
 
 # -----------------------------------------------------------------------------
-# the results table: the trained row, the Oracle row, their paired difference
+# the results table: the trained row, the Oracle and hand-made rows, the paired differences
 
-def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None, test_frac=None):
+def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, baseline=None, test_frac=None,
+                 features=(), events_cut=None):
     """Probe every task, print the Table 2 rows with their mean AUC's bootstrap standard error, write probe.json;
     -> its dict. baseline: (name, embeddings) of the same users, e.g. the Oracle: probed alike, stored under its
-    name, and the difference of mean AUCs with its paired bootstrap standard error under "delta"."""
+    name, and the difference of mean AUCs with its paired bootstrap standard error under "delta". features: (name,
+    X) rows of the same users (hand_made_rows), stored under "baselines"; "delta_best_baseline" is the paired
+    difference against the best of them that holds no embedding."""
     ids, labels = [r["user_id"] for r in records], [r.get("labels") or {} for r in records]
-    rows = [(name, embeddings)] + ([baseline] if baseline else [])
+    rows = [(name, embeddings)] + ([baseline] if baseline else []) + list(features)
     results, scores = [], []
     for row_name, emb in rows:
         scores.append({})
@@ -529,17 +504,25 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, b
     boot = bootstrap_mean_auc(scores, seed=seed)
     for r, col in zip(results, boot.T):
         r["mean_auc_se"] = float(np.nanstd(col, ddof=1))
-    result = dict(results[0], checkpoint=checkpoint)
+    result = dict(results[0], checkpoint=checkpoint, **({"events": events_cut} if events_cut else {}))
     for t, r in result["tasks"].items():
         if "status" in r:
             print(f"probe: task {t}: {r['status']} (not averaged)", file=sys.stderr)
     print(format_table([(r["mask"], r) for r in results[::-1]]))
+
+    def paired(k, key):  # row 0 against row k: the difference of mean AUCs and its paired bootstrap SE
+        result[key] = {"vs": results[k]["mask"], "mean_auc": result["mean_auc"] - results[k]["mean_auc"],
+                       "se": float(np.nanstd(boot[:, 0] - boot[:, k], ddof=1))}
+        print(f"{name} - {results[k]['mask']}: {result[key]['mean_auc']:+.4f} mean AUC "
+              f"(paired bootstrap SE over test users {result[key]['se']:.4f})")
     if baseline:
         result[baseline[0]] = results[1]
-        result["delta"] = {"vs": baseline[0], "mean_auc": result["mean_auc"] - results[1]["mean_auc"],
-                           "se": float(np.nanstd(boot[:, 0] - boot[:, 1], ddof=1))}
-        print(f"{name} - {baseline[0]}: {result['delta']['mean_auc']:+.4f} mean AUC "
-              f"(paired bootstrap SE over test users {result['delta']['se']:.4f})")
+        paired(1, "delta")
+    if features:
+        first = 1 + bool(baseline)
+        result["baselines"] = {r["mask"]: r for r in results[first:]}
+        hand = [k for k in range(first, len(rows)) if not rows[k][0].startswith(name + " +")]
+        paired(max(hand, key=lambda k: results[k]["mean_auc"] or 0.0), "delta_best_baseline")
     if out:
         ckpt.write_json(out, result)
     return result
@@ -563,7 +546,7 @@ def labelled_users(data_path, template, cache_root=None, skip_bad=False):
     return ds, records
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
-        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None, test_frac=None):
+        batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None, test_frac=None, baselines=True):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
     baseline_spec (e.g. checkpoint.oracle_spec(run's spec)), that untrained encoder is probed on the same users
     too, as the "oracle" row with the paired difference. cache_root: see labelled_users."""
@@ -577,7 +560,21 @@ def run(encoder, template, strategy, data_path, device, name, checkpoint=None, o
     emb = embed_dataset(encoder, ds, strategy, device, batch_size)
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac)
+    features = hand_made_rows(data_path, records, name, emb, skip_bad) if baselines else ()
+    cut = {"events_cut": ds.n_cut, "per_user": ds.n_cut / len(ds), "max_len": template.max_len}  # by the template
+    return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac, features, cut)
+
+
+def hand_made_rows(data_path, records, name, embeddings, skip_bad=False):
+    """Rows of the same users beside the embedding: a bag of events (with the tabular vectors), the tabular vectors,
+    and the embedding with the bag (does it add to what a user has?). The probe z-scores columns: no rescaling."""
+    full, _ = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+    if [r["user_id"] for r in full] != [r["user_id"] for r in records]:
+        raise ValueError(f"{data_path}: the users read for the hand-made features are not those embedded")
+    tab, bag = data.tabular_vectors(full), data.bag_of_events(full)
+    bag = bag if tab is None else np.hstack([bag, tab])
+    rows = [("bag of events", bag)] + ([("tabular", tab)] if tab is not None else [])
+    return rows + [(f"{name} + bag", np.hstack([embeddings, bag]))]
 
 def main(argv=None):
     import argparse
@@ -589,10 +586,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="labelled users (JSONL with 'labels'); needed unless only exporting")
     p.add_argument("--out", default=None, help="probe.json to write")
     p.add_argument("--export", default=None, help="also write the embeddings (with user ids) to this .safetensors")
-    p.add_argument("--export-peft", default=None, metavar="OUT",
-                   help="with --checkpoint: write a PEFT LoRA adapter folder (tools/export.py)")
-    p.add_argument("--export-merged", default=None, metavar="OUT",
-                   help="with --checkpoint: write a Hugging Face folder with the LoRA merged (tools/export.py)")
+    p.add_argument("--export-peft", metavar="OUT", help="with --checkpoint: write a PEFT LoRA adapter folder (tools/export.py)")
+    p.add_argument("--export-merged", metavar="OUT", help="with --checkpoint: write a Hugging Face folder, LoRA merged (tools/export.py)")
     p.add_argument("--name", default=None, help="row name in the table (default: the mask strategy)")
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
@@ -600,9 +595,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
-    p.add_argument("--data-cache", default=None, metavar="DIR|off",
-                   help="where --data is tokenized once and memory-mapped by later runs (tools/cache.py); default: an "
-                        "'encoded' folder beside it; 'off': read and encode it in memory")
+    p.add_argument("--no-baselines", action="store_true", help="probe the embeddings only, without the hand-made rows")
+    p.add_argument("--data-cache", metavar="DIR|off", help="where --data is tokenized once and memory-mapped by later runs "
+                   "(tools/cache.py); default: an 'encoded' folder beside it; 'off': read and encode it in memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = p.parse_args(argv)
     try:
@@ -644,7 +639,8 @@ def main(argv=None):
         root = None if args.data_cache == "off" else args.data_cache or \
             os.path.join(os.path.dirname(os.path.abspath(args.data)), "encoded")
         return run(encoder, template, strategy, args.data, args.device, name, args.checkpoint, args.out, args.skip_bad,
-                   args.batch_size, args.export, args.seed, cache_root=root, test_frac=args.test_frac)
+                   args.batch_size, args.export, args.seed, cache_root=root, test_frac=args.test_frac,
+                   baselines=not args.no_baselines)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -128,7 +128,7 @@ def get_args(argv=None):
     g.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     g.add_argument("--log-every", type=int, default=10, help="log a metrics.jsonl line every N steps")
     g.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
-    g.add_argument("--no-oracle", action="store_true", help="probe the trained encoder only, not also the untrained Oracle row of the same base")
+    g.add_argument("--no-oracle", action="store_true", help="probe the trained encoder only: no untrained Oracle row, no hand-made baseline rows")
     g.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported) instead of failing")
     g.add_argument("--cache", default="cache", help="folder for the synthetic data and small decoders built on demand")
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop after step N's checkpoint, as if killed
@@ -416,10 +416,9 @@ def log_step(args, step, out, lr, strategy, meter, world, log):
         f"cos_uu {rec['cos_uu']:.2f} erank {rec['effective_rank']:.1f} | {rec['tokens_per_s']:.0f} tok/s")
     if rec["effective_rank"] < COLLAPSE_RANK or rec["cos_uu"] > COLLAPSE_COSINE:
         print(f"warning: step {step}: the user embeddings are collapsing: effective rank {rec['effective_rank']:.2f} "
-              f"(warns below {COLLAPSE_RANK}), mean user-user cosine {rec['cos_uu']:.3f} (warns above "
-              f"{COLLAPSE_COSINE}); a collapsed batch gives loss "
-              f"ln N = {math.log(args.batch_size):.3f} (or ln(3N - 2) = {math.log(3 * args.batch_size - 2):.3f} with "
-              "same-side negatives); see metrics.jsonl", file=sys.stderr, flush=True)
+              f"(warns below {COLLAPSE_RANK}), mean user-user cosine {rec['cos_uu']:.3f} (warns above {COLLAPSE_COSINE}); "
+              f"a collapsed batch gives loss ln N = {math.log(args.batch_size):.3f} (or ln(3N - 2) = "
+              f"{math.log(3 * args.batch_size - 2):.3f} with same-side negatives); see metrics.jsonl", file=sys.stderr, flush=True)
     meter.update(t=time.time(), tokens=0)
 
 def start_metrics(path, start):
@@ -499,6 +498,10 @@ def main(argv=None):
     n_users = len(train_set)
     if n_users < args.batch_size:
         sys.exit(f"error: {train_path}: {n_users} users, fewer than one global batch of {args.batch_size}")
+    if train_set.n_cut:  # a history longer than --max-len loses its oldest events: say so before any work
+        n_events = sum(report.modality_counts.values())
+        log(f"--max-len {args.max_len} cuts {train_set.n_cut} of {n_events} events ({train_set.n_cut / n_events:.0%}; "
+            f"{train_set.n_cut / n_users:.1f} per user); --event-modalities keeps one position per event")
     # LoRA froze the base inside build_encoder; only now wrap in DDP (DDP registers trainable params only)
     towers = DualTower(encoder, strategy.module).to(device).train()  # from_pretrained returns eval mode
     named = [(n, p) for n, p in towers.named_parameters() if p.requires_grad]
@@ -552,7 +555,7 @@ def main(argv=None):
         result = probe.run(towers.encoder, template, strategy, probe_path, device, name=args.mask,
                            checkpoint=os.path.join(args.out, "checkpoint"), out=os.path.join(args.out, "probe.json"),
                            skip_bad=args.skip_bad, baseline_spec=None if args.no_oracle else ckpt.oracle_spec(spec),
-                           cache_root=None if args.data_cache == "off" else root)
+                           cache_root=None if args.data_cache == "off" else root, baselines=not args.no_oracle)
     shutdown(ddp)
     return result
 

@@ -17,19 +17,8 @@ from safetensors.torch import load_file
 import data
 import train
 from test_data import CORPUS, GOOD, write_lines
-from test_train import NO_PREAMBLE, TINY, common, losses, max_diff, run
+from test_train import common, losses, max_diff, run, workdir  # noqa: F401 (workdir: a fixture)
 from tools import cache, synthetic, tiny_decoder
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Synthetic users and a small decoder built by tools/tiny_decoder.py (tests/test_train.py's setup)."""
-    root = tmp_path_factory.mktemp("train")
-    train_path, probe_path = synthetic.write_synthetic(str(root / "data"), 48, 160, seed=3)
-    args = train.get_args(["--data", train_path] + TINY + NO_PREAMBLE)
-    records, report = data.load_records(train_path, require=("answer",))
-    model_dir = tiny_decoder.build(args, records, report, str(root / "tiny"), torch.device("cpu"), lambda m: None)
-    return {"root": root, "train": train_path, "probe": probe_path, "model": model_dir}
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +228,8 @@ def test_training_and_probe_same_as_in_memory(workdir):
 
 
 def test_probe_embeddings_same_as_in_memory(workdir, tmp_path):
-    import probe
     import checkpoint as ckpt
+    import probe
     spec = ckpt.RunSpec(workdir["model"], ["bill", "minipro", "spm", "app", "search", "tabular"], {"tabular": 8},
                         max_len=96, preamble="User data:")
     torch.manual_seed(0)
@@ -260,7 +249,8 @@ def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
     cache_dir = str(workdir["root"] / "ddp-cache")
     one, two = str(workdir["root"] / "one-mem"), str(workdir["root"] / "two-cache")
     # --no-pack: 8 users packed in one process and 4 per rank pack into different rows, whose round-off (1e-6 per
-    # step, tests/test_pack.py) grows past this test's 1e-5 in 4 steps; what is tested here is the data path
+    # step, tests/test_pack.py) grows past 1e-5 in 4 steps; padded, the 8 users of one process and the 4 of a rank
+    # pad to different widths too (1.07e-5 measured after 4 steps), hence 2e-5; what is tested here is the data path
     args = ["--mask", "hybrid_mask", "--steps", "4", "--mask-warmup", "0.5", "--batch-size", "8", "--no-standardize",
             "--ckpt-every", "2", "--no-pack"] + SHORT
     run(common(workdir, one, *args, "--micro-batch", "8", "--data-cache", "off"))
@@ -269,7 +259,7 @@ def test_two_ranks_from_the_cache_equal_one_rank_in_memory(workdir):
     run(["--out", two, "--resume", "--no-probe"], nproc=2)
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     w1, w2 = (load_file(os.path.join(r, "checkpoint", "trainable.safetensors")) for r in (one, two))
-    assert max_diff(w1, w2) < 1e-5
+    assert max_diff(w1, w2) < 2e-5
 
 
 def test_a_template_change_not_mirrored_fails_the_build(tok, tmp_path, monkeypatch):
