@@ -454,3 +454,50 @@ def test_synthetic_tasks_learnable_not_trivial(synth):
         aucs[task] = roc_auc_score(y[n:], clf.decision_function(X[n:]))
     assert max(aucs.values()) < 0.95, aucs  # no task is solved by counting words
     assert sum(a > 0.55 for a in aucs.values()) >= 7, aucs  # yet the text carries the signal
+
+
+# -----------------------------------------------------------------------------
+# hand-made features (probe.py's baseline rows)
+
+BAG_TEXTS = ["Cinema near me", "cinema tickets, 2 for 1!", "Café au lait", "metro line 4 map", "bus_schedule 12:30",
+             "new movies this week", "CINEMA", "home>movies>tickets", "lunch deals near me", "5 stars",
+             "Toy Story (1995) | Animation, Children's, Comedy | 5 stars", "", "naïve 東京 tower"]
+
+
+def test_bag_of_events_equals_sklearn_tfidf_per_modality():
+    """One modality: the bag is scikit-learn's TfidfVectorizer(sublinear_tf, smooth idf, l2) with the same words kept
+    (those of the n_words highest document frequencies, at least min_users users); a word in two modalities is two
+    columns."""
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    rng = np.random.default_rng(0)
+    recs = [{"user_id": f"u{i}", "events": [{"modality": "search", "text": BAG_TEXTS[j]}
+                                            for j in rng.integers(len(BAG_TEXTS), size=rng.integers(1, 7))]}
+            for i in range(40)]
+    for min_users in (1, 3):
+        X = data.bag_of_events(recs, n_words=1000, min_users=min_users)
+        vec = text.TfidfVectorizer(token_pattern=r"[^\W_]+", sublinear_tf=True, min_df=min_users)
+        S = vec.fit_transform([" ".join(e["text"] for e in r["events"]) for r in recs]).toarray()
+        assert X.shape == S.shape
+        # our columns: by document frequency, then name; scikit-learn's: by name
+        df = {w: int((S[:, j] > 0).sum()) for w, j in vec.vocabulary_.items()}
+        order = [vec.vocabulary_[w] for w in sorted(df, key=lambda w: (-df[w], "search", w))]
+        np.testing.assert_allclose(X, S[:, order], rtol=0, atol=1e-12)
+    capped = data.bag_of_events(recs, n_words=5, min_users=1)
+    np.testing.assert_array_equal((capped > 0).sum(0), np.sort((X > 0).sum(0))[::-1][:5])
+    two = [{"user_id": "a", "events": [{"modality": "bill", "text": "metro 4"}, {"modality": "bill", "text": "metro"}]},
+           {"user_id": "b", "events": [{"modality": "search", "text": "Metro map"}]}]
+    B = data.bag_of_events(two, min_users=1)
+    assert B.shape == (2, 4) and (B > 0).sum(1).tolist() == [2, 2]  # bill:metro, bill:4 | search:metro, search:map
+    assert np.count_nonzero(B[0] * B[1]) == 0  # "metro" of a bill is not "metro" of a search
+
+
+def test_tabular_vectors_mean_per_modality():
+    recs = [{"user_id": "a", "events": [{"modality": "tabular", "vector": [1.0, 2.0, 3.0]},
+                                        {"modality": "bill", "text": "gym 80"},
+                                        {"modality": "tabular", "vector": [3.0, 4.0, 5.0]},
+                                        {"modality": "ctx", "vector": [1.0, -1.0], "text": "gym"}]},
+            {"user_id": "b", "events": [{"modality": "bill", "text": "metro 4"}]},
+            {"user_id": "c", "events": [{"modality": "ctx", "vector": [0.5, 0.5]}]}]
+    # ctx (2 wide) before tabular (3 wide); zeros where a user has none of a modality
+    np.testing.assert_array_equal(data.tabular_vectors(recs), [[1, -1, 2, 3, 4], [0, 0, 0, 0, 0], [.5, .5, 0, 0, 0]])
+    assert data.tabular_vectors(recs[1:2]) is None

@@ -1,7 +1,8 @@
 """Tests for probe.py: ROC-AUC, the NumPy logistic regression and its cross-validation against
-scikit-learn (the reference), the user split, task handling, the table, embedding files."""
+scikit-learn (the reference), the user split, task handling, the table with its hand-made rows, embedding files."""
 
 import hashlib
+import json
 import random
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 from sklearn.metrics import roc_auc_score
 
+import data
 import ggsm
 import probe
 from probe import (LogisticRegression, fit_probe, format_table, load_embeddings, mean_auc, probe_tasks,
@@ -436,3 +438,29 @@ def test_bootstrap_mean_auc_equals_explicit_resampling():
     se = big.std(axis=0, ddof=1)
     assert np.all((se > 0.01) & (se < 0.1))  # ~ sqrt(AUC (1 - AUC) / n) for 60-120 users per task
     assert (big[:, 1] - big[:, 0]).std(ddof=1) < se.sum()  # the paired SE: both rows on the same draws
+
+
+def test_hand_made_rows_in_the_table_and_probe_json(tmp_path, capsys):
+    """The bag of events (with the tabular vectors), the tabular vectors and the embedding beside the bag are probed
+    on the same users and split as the embedding, stored under "baselines"; delta_best_baseline is the paired
+    difference against the better of the two hand-made rows (never the row that holds the embedding)."""
+    _, path = synthetic.write_synthetic(str(tmp_path), 0, 300, seed=0)
+    records, _ = data.load_records(path, require=("labels",))
+    emb = np.random.default_rng(0).normal(size=(len(records), 8))
+    rows = probe.hand_made_rows(path, records, "ggsm", emb)
+    assert [n for n, _ in rows] == ["bag of events", "tabular", "ggsm + bag"]
+    bag = data.bag_of_events(records)
+    np.testing.assert_array_equal(rows[0][1], np.hstack([bag, data.tabular_vectors(records)]))
+    np.testing.assert_array_equal(rows[2][1][:, :8], emb)
+    out = probe.report_probe(emb, records, "ggsm", out=str(tmp_path / "p.json"), features=rows,
+                             events_cut={"events_cut": 3, "per_user": 0.01, "max_len": 256})
+    saved = json.load(open(tmp_path / "p.json"))
+    assert set(saved["baselines"]) == {"bag of events", "tabular", "ggsm + bag"} and saved["events"]["events_cut"] == 3
+    best = max(("bag of events", "tabular"), key=lambda n: saved["baselines"][n]["mean_auc"])
+    assert saved["delta_best_baseline"]["vs"] == best
+    assert saved["delta_best_baseline"]["mean_auc"] == pytest.approx(out["mean_auc"] - saved["baselines"][best]["mean_auc"])
+    assert saved["baselines"]["bag of events"]["mean_auc"] > out["mean_auc"] + 0.05  # words carry the labels; noise not
+    table = capsys.readouterr().out
+    assert "| bag of events |" in table and f"ggsm - {best}:" in table
+    with pytest.raises(ValueError, match="not those embedded"):
+        probe.hand_made_rows(path, records[1:], "ggsm", emb[1:])
