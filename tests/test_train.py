@@ -356,3 +356,23 @@ def test_event_form_trains_resumes_and_probes(workdir):
     with torch.no_grad():
         want = encoder.adapters["bill"](torch.as_tensor(enc_ev["vectors"]["bill"][0])[None])[0]
     assert torch.allclose(x[0, col], want, atol=1e-6)
+
+
+def test_mask_option_reaches_the_strategy_and_the_spec(workdir):
+    """--mask-option key=value (repeatable; values read as JSON where they parse) goes to Strategy(**options) and into
+    the checkpoint's spec, after the alias flags (a later --mask-option wins), so a forked strategy takes options
+    without editing train.py."""
+    args = train.get_args(["--mask-option", "capture_layer=final", "--mask-option", "ema=0.9", "--importance-norm",
+                           "max", "--mask-option", "my-width=3", "--mask-option", "tag=wide"] + TINY)
+    opts = train.mask_options(args)
+    assert opts == {"capture_layer": "final", "ema": 0.9, "normalize": "max", "segment": "history", "my_width": 3,
+                    "tag": "wide"}
+    report = data.load_records(workdir["train"], require=("answer",))[1]
+    spec = train.make_spec(args, workdir["model"], report)
+    assert spec.mask_options == opts and ckpt.RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    _, _, strategy = ckpt.build_encoder(spec)
+    assert strategy.capture_layer == 2  # 'final' = n_layers
+    assert {"my_width": 3, "tag": "wide"}.items() <= strategy.options.items()  # what GG-SM does not take itself
+    for bad in ("noequals", "=3"):
+        with pytest.raises(SystemExit):
+            train.get_args(["--mask-option", bad])
