@@ -394,3 +394,15 @@ def test_bench_replicated_users(tmp_path):
     assert len(big) == 90 and len({r["user_id"] for r in big}) == 90 and big[65]["user_id"] == "r2-" + base[5]["user_id"]
     assert all({k: v for k, v in r.items() if k != "user_id"} == {k: v for k, v in base[i % 30].items() if k != "user_id"}
                for i, r in enumerate(big))
+
+
+def test_a_file_without_vectors(tok, tmp_path):
+    """Text events only (as MovieLens converts): the cache builds and equals the in-memory encoding (its vector-width
+    check once indexed the empty table of vector lengths)."""
+    path = write_lines(tmp_path, [{"user_id": f"u{k}", "events": [{"modality": "bill", "time": t, "text": f"gym {k + t}"}
+                                                                  for t in range(k % 4 + 1)], "answer": "gym"}
+                                  for k in range(12)])
+    tpl = data.Template(copy.deepcopy(tok), ["bill"], {}, max_len=30, preamble="")
+    records, _ = data.load_records(path)
+    folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl)
+    assert_same_examples(data.UserDataset(records, tpl), cache.EncodedDataset(folder, tpl))

@@ -358,7 +358,8 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     # vectors: the template must have an adapter width for the modality, and the same width
     dims = np.array([template.vector_dims.get(m, -1) for m in template.modalities], dtype=np.int64)
     has_vec = ev_vec >= 0
-    wrong = has_vec & (dims[ev_m] != np.where(has_vec, vec_len[np.maximum(ev_vec, 0)], 0))
+    width = vec_len[np.maximum(ev_vec, 0)] if len(vec_len) else np.zeros(len(ev_vec), np.int64)  # no vector in the file
+    wrong = has_vec & (dims[ev_m] != np.where(has_vec, width, 0))
     if wrong.any():
         e = int(np.argmax(wrong))
         u, m = int(ev_user[e]), template.modalities[ev_m[e]]
