@@ -527,50 +527,51 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, b
         ckpt.write_json(out, result)
     return result
 
-def labelled_users(data_path, template, cache_root=None, skip_bad=False):
+def labelled_users(data_path, template, cache_root=None, skip_bad=False, records=None):
     """-> (dataset, records: user ids and labels) of data_path encoded by template: from an encoded cache under
-    cache_root (tools/cache.py; built on first use, one per template), or read in memory (cache_root None, or the
-    event form, whose vectors the cache does not hold); the same embeddings either way."""
+    cache_root (tools/cache.py; built on first use, one per template), or in memory (cache_root None, or the event
+    form, whose vectors the cache does not hold; records: the file's, when already read); the same embeddings."""
     if cache_root is None or template.event_modalities:
-        records, report = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
-        ds = data.UserDataset(records, template, with_answer=False)
-    else:
-        from tools import cache  # reading the users from disk is a tool's job, not the probe's
-        folder = cache.ensure(data_path, cache_root, {"template": cache.template_fingerprint(template)},
-                              lambda report: template, require=("labels",), skip_bad=skip_bad, with_answer=False,
-                              log=lambda m: print(m, file=sys.stderr))
-        ds = cache.EncodedDataset(folder, template)
-        records, report = ds.records(), cache.read_report(folder)
-    if report.n_bad:
+        records = records or data.load_records(data_path, skip_bad=skip_bad, require=("labels",))[0]  # warns itself
+        return data.UserDataset(records, template, with_answer=False), records
+    from tools import cache  # reading the users from disk is a tool's job, not the probe's
+    folder = cache.ensure(data_path, cache_root, {"template": cache.template_fingerprint(template)},
+                          lambda report: template, require=("labels",), skip_bad=skip_bad, with_answer=False,
+                          log=lambda m: print(m, file=sys.stderr))
+    report = cache.read_report(folder)
+    if report.n_bad:  # said while building; said again when the cache is reused
         print(f"warning: {report}", file=sys.stderr)
-    return ds, records
+    ds = cache.EncodedDataset(folder, template)
+    return ds, ds.records()
 
 def run(encoder, template, strategy, data_path, device, name, checkpoint=None, out=None, skip_bad=False,
         batch_size=64, export=None, seed=0, baseline_spec=None, cache_root=None, test_frac=None, baselines=True):
     """Embed the labelled users of data_path and probe them (train.py calls this at the end of a run). With
     baseline_spec (e.g. checkpoint.oracle_spec(run's spec)), that untrained encoder is probed on the same users
     too, as the "oracle" row with the paired difference. cache_root: see labelled_users."""
-    ds, records = labelled_users(data_path, template, cache_root, skip_bad)
+    # the file's records, read once, where the texts are needed: the in-memory path, the hand-made rows
+    full = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))[0] \
+        if baselines or cache_root is None or template.event_modalities else None
+    ds, records = labelled_users(data_path, template, cache_root, skip_bad, full)
     baseline = None
     if baseline_spec is not None:
         torch.manual_seed(seed)  # the untrained adapters' init, as probe.py --model --seed
         b_encoder, b_template, b_strategy = ckpt.build_encoder(baseline_spec, device)
-        b_ds = labelled_users(data_path, b_template, cache_root, skip_bad)[0]  # its own tokens: no <GLOBAL>, say
+        b_ds = labelled_users(data_path, b_template, cache_root, skip_bad, full)[0]  # its own tokens: no <GLOBAL>, say
         baseline = ("oracle", embed_dataset(b_encoder, b_ds, b_strategy, device, batch_size))
     emb = embed_dataset(encoder, ds, strategy, device, batch_size)
     if export:
         save_embeddings(export, emb, [r["user_id"] for r in records], {"mask": name, "checkpoint": checkpoint})
-    features = hand_made_rows(data_path, records, name, emb, skip_bad) if baselines else ()
+    features = hand_made_rows(full, records, name, emb) if baselines else ()
     cut = {"events_cut": ds.n_cut, "per_user": ds.n_cut / len(ds), "max_len": template.max_len}  # by the template
     return report_probe(emb, records, name, out, checkpoint, seed, baseline, test_frac, features, cut)
 
 
-def hand_made_rows(data_path, records, name, embeddings, skip_bad=False):
-    """Rows of the same users beside the embedding: a bag of events (with the tabular vectors), the tabular vectors,
-    and the embedding with the bag (does it add to what a user has?). The probe z-scores columns: no rescaling."""
-    full, _ = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))
+def hand_made_rows(full, records, name, embeddings):
+    """From the full records of the embedded users (records, checked): a bag of events with the tabular vectors, the
+    tabular vectors, the embedding beside the bag (does it add to them?). The probe z-scores columns: no rescaling."""
     if [r["user_id"] for r in full] != [r["user_id"] for r in records]:
-        raise ValueError(f"{data_path}: the users read for the hand-made features are not those embedded")
+        raise ValueError("hand-made features: the users read for them are not those embedded")
     tab, bag = data.tabular_vectors(full), data.bag_of_events(full)
     bag = bag if tab is None else np.hstack([bag, tab])
     rows = [("bag of events", bag)] + ([("tabular", tab)] if tab is not None else [])

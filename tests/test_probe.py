@@ -447,7 +447,7 @@ def test_hand_made_rows_in_the_table_and_probe_json(tmp_path, capsys):
     _, path = synthetic.write_synthetic(str(tmp_path), 0, 300, seed=0)
     records, _ = data.load_records(path, require=("labels",))
     emb = np.random.default_rng(0).normal(size=(len(records), 8))
-    rows = probe.hand_made_rows(path, records, "ggsm", emb)
+    rows = probe.hand_made_rows(records, records, "ggsm", emb)
     assert [n for n, _ in rows] == ["bag of events", "tabular", "ggsm + bag"]
     bag = data.bag_of_events(records)
     np.testing.assert_array_equal(rows[0][1], np.hstack([bag, data.tabular_vectors(records)]))
@@ -463,4 +463,4 @@ def test_hand_made_rows_in_the_table_and_probe_json(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| bag of events |" in table and f"ggsm - {best}:" in table
     with pytest.raises(ValueError, match="not those embedded"):
-        probe.hand_made_rows(path, records[1:], "ggsm", emb[1:])
+        probe.hand_made_rows(records, records[1:], "ggsm", emb[1:])
