@@ -115,6 +115,8 @@ def load_trainable(encoder, strategy, tensors, plain):
 
 def load_checkpoint(checkpoint_dir, device="cpu"):
     """-> encoder, template, strategy, state (state.json; its "spec" as a RunSpec)."""
+    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
+        raise FileNotFoundError(f"{checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
     with open(os.path.join(checkpoint_dir, "state.json")) as f:
         state = json.load(f)
     state["spec"] = RunSpec.from_dict(state["spec"], where=os.path.join(checkpoint_dir, "state.json"))

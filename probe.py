@@ -450,7 +450,7 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
     record the encoder cannot read (an unknown modality, a vector of another length) is an error naming file:line
     (or records[i]); skip_bad=True skips such lines of a file (reported), the rows then follow the records kept."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, template, strategy, state = load(checkpoint_dir, device, "encode")
+    encoder, template, strategy, state = load(checkpoint_dir, device)
     spec = state["spec"]
     if isinstance(records, (str, os.PathLike)):
         where = os.fspath(records)
@@ -476,10 +476,8 @@ def encode(checkpoint_dir, records, batch_size=64, device=None, skip_bad=False):
                          f"{sorted(spec.vector_dims)} only")
     return embed_records(encoder, template, strategy, records, device, batch_size)
 
-def load(checkpoint_dir, device, who):
+def load(checkpoint_dir, device):
     """A run's checkpoint folder -> (encoder with LoRA merged, template, strategy, state): ready to embed."""
-    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
-        raise FileNotFoundError(f"{who}: {checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
     encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, device)
     model.merge_lora(encoder)  # W + (alpha / r) B A once: the same function, cheaper to run
     return encoder, template, strategy, state
@@ -627,7 +625,7 @@ def main(argv=None):
                                 args.seed, test_frac=args.test_frac)
         torch.manual_seed(args.seed)
         if args.checkpoint:
-            encoder, template, strategy, state = load(args.checkpoint, args.device, "--checkpoint")
+            encoder, template, strategy, state = load(args.checkpoint, args.device)
             name = args.name or state["spec"].mask
         else:  # the Oracle row: the untrained base under the causal mask (adapters and new token rows untrained)
             if not os.path.isfile(os.path.join(args.model, "config.json")):

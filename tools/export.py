@@ -207,19 +207,12 @@ def base_extras(spec):
 # the two exports
 
 
-def load(checkpoint_dir):
-    """checkpoint.load_checkpoint on the CPU, with the error probe.py gives for a folder that is not a checkpoint."""
-    if not os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
-        raise FileNotFoundError(f"{checkpoint_dir}: no state.json (expected RUN_DIR/checkpoint)")
-    return ckpt.load_checkpoint(checkpoint_dir, "cpu")
-
-
 def export_peft(checkpoint_dir, out):
     """A PEFT LoRA adapter folder for transformers.AutoModel.from_pretrained(spec.base_model); returns its
     user_encoder.json dict. The template's token rows become peft's trainable_token_indices (peft stores the
     rows themselves, not differences). Ids beyond the base vocabulary need the base's embedding resized first
     (user_encoder.json: "resize_token_embeddings")."""
-    encoder, template, strategy, state = load(checkpoint_dir)
+    encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, "cpu")
     spec = state["spec"]
     if not spec.lora:
         raise ValueError(f"{checkpoint_dir}: this run trained no LoRA (spec.lora is empty); use --export-merged")
@@ -258,7 +251,7 @@ def export_merged(checkpoint_dir, out):
     """A Hugging Face folder: LoRA merged into the base weights, the template's token rows written into the
     embedding (grown to the largest id + 1 where they lie beyond it; an untied lm_head gets zero rows there),
     tokenizer.json with the template's tokens. Returns its user_encoder.json dict."""
-    encoder, template, strategy, state = load(checkpoint_dir)
+    encoder, template, strategy, state = ckpt.load_checkpoint(checkpoint_dir, "cpu")
     spec = state["spec"]
     kind, table = mask_rule(strategy, spec.max_len)
     dec = encoder.decoder
