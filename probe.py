@@ -527,9 +527,9 @@ def report_probe(embeddings, records, name, out=None, checkpoint=None, seed=0, b
 
 def labelled_users(data_path, template, cache_root=None, skip_bad=False, records=None):
     """-> (dataset, records: user ids and labels) of data_path encoded by template: from an encoded cache under
-    cache_root (tools/cache.py; built on first use, one per template), or in memory (cache_root None, or the event
-    form, whose vectors the cache does not hold; records: the file's, when already read); the same embeddings."""
-    if cache_root is None or template.event_modalities:
+    cache_root (tools/cache.py; built on first use, one per template), or in memory (cache_root None; records: the
+    file's, when already read); the same embeddings."""
+    if cache_root is None:
         records = records or data.load_records(data_path, skip_bad=skip_bad, require=("labels",))[0]  # warns itself
         return data.UserDataset(records, template, with_answer=False), records
     from tools import cache  # reading the users from disk is a tool's job, not the probe's
@@ -549,7 +549,7 @@ def run(encoder, template, strategy, data_path, device, name, checkpoint=None, o
     too, as the "oracle" row with the paired difference. cache_root: see labelled_users."""
     # the file's records, read once, where the texts are needed: the in-memory path, the hand-made rows
     full = data.load_records(data_path, skip_bad=skip_bad, require=("labels",))[0] \
-        if baselines or cache_root is None or template.event_modalities else None
+        if baselines or cache_root is None else None
     ds, records = labelled_users(data_path, template, cache_root, skip_bad, full)
     baseline = None
     if baseline_spec is not None:
@@ -591,6 +591,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="users per forward pass")
     p.add_argument("--max-len", type=int, default=256, help="user-side token budget for --model")
     p.add_argument("--preamble", default="", type=data.preamble_text, help="the template's opening sentence for --model: 'paper', any text, or '' (none)")
+    p.add_argument("--event-modalities", default="", help="for --model: comma-separated modalities in event form (one position per event), as the run to compare with")
     p.add_argument("--seed", type=int, default=0, help="CV folds (and, for --model, the untrained adapters' init)")
     p.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of the users held out as probe-test users")
     p.add_argument("--skip-bad", action="store_true", help="skip invalid JSONL lines (reported)")
@@ -632,7 +633,7 @@ def main(argv=None):
                 sys.exit(f"error: --model {args.model}: no config.json")
             report = data.load_records(args.data, skip_bad=args.skip_bad, require=("labels",))[1]  # the modalities
             spec = ckpt.RunSpec(os.path.abspath(args.model), report.modalities, report.vector_dims, max_len=args.max_len,
-                                preamble=args.preamble)
+                                preamble=args.preamble, event_modalities=[m for m in args.event_modalities.split(",") if m])
             encoder, template, strategy = ckpt.build_encoder(spec, args.device)
             name = args.name or "oracle"
         root = None if args.data_cache == "off" else args.data_cache or \

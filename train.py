@@ -39,6 +39,9 @@ import probe
 # mean pairwise cosine above COLLAPSE_COSINE (measured: a collapsed run sits at cosine 0.99-1.00, effective rank
 # 2.4-3.0; a learning one at cosine -0.03, effective rank 17-19 of 32)
 COLLAPSE_RANK, COLLAPSE_COSINE = 2.0, 0.9
+# --event-modalities auto: the event form when the text form would cut more than this share of the events. On
+# MovieLens (70% cut) the event form trained higher; on the embedded benchmark (0% cut) the text form did
+AUTO_CUT = 0.25
 
 def mask_option(text):
     """'key=value' -> (key, value); value read as JSON where it parses (numbers, true/false), else as text."""
@@ -75,7 +78,7 @@ def get_args(argv=None):
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; scale = alpha / r (paper: 64)")
     g.add_argument("--max-len", type=int, default=256, help="user-side token budget (oldest events cut first)")
     g.add_argument("--pooling", default="token", choices=("token", "mean"), help="token: <USER> / EOS state (paper); mean: official code")
-    g.add_argument("--event-modalities", default="", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; default none")
+    g.add_argument("--event-modalities", default="auto", help="comma-separated modalities in the paper's event-level form: one position per event (frozen token embeddings pooled over the event's text, then the modality adapter) instead of subword tokens; '' for none; auto (default): every modality without vectors of its own when the text form would cut more than a quarter of the events, else none")
     g.add_argument("--seed", type=int, default=0, help="initialisation (small decoder, LoRA, adapters), data order, dropout")
 
     g = p.add_argument_group("model and optimisation details")
@@ -254,7 +257,18 @@ def train_step(towers, strategy, optimizer, micro_batches, step, loss_fn, clip=1
 # -----------------------------------------------------------------------------
 # setup: arguments, data, base model, the encoder
 
-def make_spec(args, model_dir, report):
+def open_data(args, events, load, loaded, train_path, model_dir, ddp, master, log):
+    """-> (template -> the training users, LoadReport): the encoded cache (rank 0 builds it, every rank memory-maps
+    it; one per input form) or, with --data-cache off, the records in memory. events: the modalities in event form."""
+    if args.data_cache == "off":
+        records, report = load()
+        return partial(data.UserDataset, records), report
+    loaded.clear()  # the decoder is built: the records are not needed any more
+    from tools import cache
+    folder, report = cache.ensure_for_training(args, train_path, model_dir, ddp, master, log, events)
+    return partial(cache.EncodedDataset, folder), report
+
+def make_spec(args, model_dir, report, events=()):
     return ckpt.RunSpec(
         base_model=os.path.abspath(model_dir), modalities=report.modalities, vector_dims=report.vector_dims,
         mask=args.mask, total_steps=args.steps, warmup_steps=int(round(args.mask_warmup * args.steps)),
@@ -262,7 +276,7 @@ def make_spec(args, model_dir, report):
         lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": args.lora_targets.split(",")},
         max_len=args.max_len, answer_max_len=args.answer_max_len, pooling=args.pooling, standardize=args.standardize,
         projector=None if args.projector == "none" else [int(d) for d in args.projector.split(",")],
-        event_modalities=[m for m in args.event_modalities.split(",") if m], preamble=args.preamble)
+        event_modalities=list(events), preamble=args.preamble)
 
 def parse_run(argv=None):
     """The command line. With --resume: the run's own arguments (but for the few a resume may change) and its
@@ -475,33 +489,39 @@ def main(argv=None):
         return loaded["r"]
 
     model_dir = prepare_model(args, load, train_path, ddp, master, device, log)
-    if args.data_cache == "off" or args.event_modalities:
-        records, report = load()
-        dataset = partial(data.UserDataset, records)
-        if args.data_cache != "off":  # the cache holds token ids; the event form turns texts into base-model vectors
-            log("--event-modalities: the encoded cache holds the text form only; reading the data in memory")
-    else:
-        loaded.clear()  # the decoder is built: the records are not needed any more
-        from tools import cache  # the encoded cache: rank 0 builds it, every rank memory-maps it
-        folder, report = cache.ensure_for_training(args, train_path, model_dir, ddp, master, log)
-        dataset = partial(cache.EncodedDataset, folder)
-    unknown = [m for m in args.event_modalities.split(",") if m and m not in report.modalities]
+    auto = args.event_modalities == "auto" and not resume  # a resumed run keeps the form its spec chose
+    events = resume["spec"].event_modalities if resume else [] if auto else \
+        [m for m in args.event_modalities.split(",") if m]
+    dataset, report = open_data(args, events, load, loaded, train_path, model_dir, ddp, master, log)
+    unknown = [m for m in events if m not in report.modalities]
     if unknown:
         sys.exit(f"error: --event-modalities {','.join(unknown)}: not among the data's modalities {report.modalities}")
-    spec = resume["spec"] if resume else make_spec(args, model_dir, report)
 
-    torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank
-    encoder, template, strategy = ckpt.build_encoder(spec, device)
-    encoder.decoder.gradient_checkpointing = args.grad_ckpt
-    encoder.pack = args.pack
-    train_set = dataset(template)
-    n_users = len(train_set)
+    def encoder_and_users(spec):
+        torch.manual_seed(args.seed)  # LoRA A, adapters, projector, new token rows: the same init on every rank
+        encoder, template, strategy = ckpt.build_encoder(spec, device)
+        return encoder, template, strategy, dataset(template)
+    spec = resume["spec"] if resume else make_spec(args, model_dir, report, events)
+    encoder, template, strategy, train_set = encoder_and_users(spec)
+    n_users, n_events = len(train_set), sum(report.modality_counts.values())
     if n_users < args.batch_size:
         sys.exit(f"error: {train_path}: {n_users} users, fewer than one global batch of {args.batch_size}")
     if train_set.n_cut:  # a history longer than --max-len loses its oldest events: say so before any work
-        n_events = sum(report.modality_counts.values())
         log(f"--max-len {args.max_len} cuts {train_set.n_cut} of {n_events} events ({train_set.n_cut / n_events:.0%}; "
-            f"{train_set.n_cut / n_users:.1f} per user); --event-modalities keeps one position per event")
+            f"{train_set.n_cut / n_users:.1f} per user)" + ("" if auto else "; --event-modalities auto keeps one "
+                                                              "position per event when the text form cuts many"))
+    text_only = [m for m in report.modalities if m not in report.vector_dims]  # vectors of their own: not event form
+    if auto and train_set.n_cut > AUTO_CUT * n_events and text_only:
+        events = text_only
+        log(f"--event-modalities auto: the text form cuts more than {AUTO_CUT:.0%} of the events, so {','.join(events)} "
+            "take the event form (one position per event)")
+        dataset, report = open_data(args, events, load, loaded, train_path, model_dir, ddp, master, log)
+        spec = make_spec(args, model_dir, report, events)
+        encoder, template, strategy, train_set = encoder_and_users(spec)
+        if train_set.n_cut:
+            log(f"--max-len {args.max_len} still cuts {train_set.n_cut} of {n_events} events in the event form")
+    encoder.decoder.gradient_checkpointing = args.grad_ckpt
+    encoder.pack = args.pack
     # LoRA froze the base inside build_encoder; only now wrap in DDP (DDP registers trainable params only)
     towers = DualTower(encoder, strategy.module).to(device).train()  # from_pretrained returns eval mode
     named = [(n, p) for n, p in towers.named_parameters() if p.requires_grad]

@@ -406,3 +406,37 @@ def test_a_file_without_vectors(tok, tmp_path):
     records, _ = data.load_records(path)
     folder = cache.build(path, str(tmp_path / "p"), {"format": cache.FORMAT}, lambda r: tpl)
     assert_same_examples(data.UserDataset(records, tpl), cache.EncodedDataset(folder, tpl))
+
+
+def ids_encoder(ids):
+    """A stand-in event encoder that tells ids apart (the real one, model.frozen_token_mean, is tested in test_train)."""
+    return np.array([len(ids), sum(ids), ids[0]], np.float32)
+
+
+@pytest.mark.parametrize("kw", [dict(max_len=512), dict(max_len=16), dict(max_len=19, global_token=True),
+                                dict(max_len=24, preamble="user data:")])
+def test_event_form_examples_equal_user_dataset(tok, tmp_path, kw):
+    """The event form (one <VEC> per event of bill and zzz, its vector from the event's ids), read from the cache:
+    the same examples as data.Template, with text events, event-form texts, the file's own vectors (a bill event
+    with both: its text's <VEC> first) and cuts in one user. The cache stores the texts' ids, not their vectors: the
+    reader's template encodes them, so another encoder on the same folder gives its own vectors."""
+    path = write_lines(tmp_path, EDGE)
+    mk = lambda enc: data.Template(copy.deepcopy(tok), ["bill", "search", "tabular", "zzz"],  # noqa: E731
+                                   {"tabular": 3, "bill": 3}, event_modalities=["bill", "zzz"], event_encoder=enc,
+                                   event_dim=3, **{"preamble": "", **kw})
+    tpl = mk(ids_encoder)
+    old, new, folder = build_both(path, tmp_path / "enc", tpl, require=(), with_answer=True)
+    assert_same_examples(old, new)
+    first = new[0]
+    assert len(first["vectors"]["bill"]) == len(first["vector_pos"]["bill"])
+    if kw["max_len"] == 512:  # every bill event: 3 texts + the vector of the one that has both, in time order
+        assert old.n_cut == 0 and [float(v[0]) for v in first["vectors"]["bill"]][:2] != [1.0, 2.0]
+        assert sum(1 for v in first["vectors"]["bill"] if list(v) == [1.0, 2.0, 3.0]) == 1
+        assert len(first["vectors"]["bill"]) == 4 and len(first["vectors"]["zzz"]) == 1
+    else:
+        assert old.n_cut > 0
+    src = np.load(os.path.join(folder, f"vec{cache.read_meta(folder)['vector_modalities'].index('bill')}_src.npy"))
+    assert (src < 0).any() and ((src >= 0).any() or kw["max_len"] < 512)  # event texts and file vectors in one modality
+    other = cache.EncodedDataset(folder, mk(lambda ids: -ids_encoder(ids)))  # the same fingerprint, another encoder
+    if "zzz" in first["vectors"]:  # its one event is in event form
+        assert np.array_equal(other[0]["vectors"]["zzz"], -first["vectors"]["zzz"])

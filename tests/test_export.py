@@ -36,7 +36,8 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-4
 COMMON = ["--no-probe", "--steps", "3", "--batch-size", "8", "--micro-batch", "8", "--max-len", "96",
-          "--answer-max-len", "24", "--lr", "5e-2", "--lora-r", "4", "--lora-alpha", "8", "--log-every", "1"]
+          "--answer-max-len", "24", "--lr", "5e-2", "--lora-r", "4", "--lora-alpha", "8", "--log-every", "1",
+          "--event-modalities", ""]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, base, extra in (("tiny", tiny, ["--mask", "ggsm"]),
                               ("grown", grown, ["--mask", "hybrid_mask", "--mask-warmup", "0.34", "--pooling", "mean",
-                                                "--projector", "16"])):
+                                                "--projector", "16", "--event-modalities", "bill,search"])):
         run_dir = str(root / f"run-{name}")
         train.main(["--model", base, "--data", train_path, "--out", run_dir] + COMMON + extra)
         out[name] = os.path.join(run_dir, "checkpoint")
@@ -149,7 +150,7 @@ def splice_vectors(desc, head, x, side):
     """Replace each <VEC> placeholder's input embedding by the modality adapter's output."""
     x = x.clone()
     for m, spec in desc["vectors"].items():
-        assert "LayerNorm(8, eps=1e-06)" in spec["adapter"] and "GELU (erf)" in spec["adapter"]
+        assert f"LayerNorm({spec['in_features']}, eps=1e-06)" in spec["adapter"] and "GELU (erf)" in spec["adapter"]
         a = {k.split(".", 2)[2]: v for k, v in head.items() if k.startswith(f"adapters.{m}.")}
         v = F.layer_norm(side.vectors[m], (spec["in_features"],), a["norm.weight"], a["norm.bias"], eps=1e-6)
         v = F.linear(F.gelu(F.linear(v, a["fc1.weight"], a["fc1.bias"])), a["fc2.weight"], a["fc2.bias"])
@@ -213,6 +214,8 @@ def test_peft_adapter_gives_our_hidden_states(runs, which, tmp_path):
     with open(os.path.join(ckpt, "state.json")) as f:
         state = json.load(f)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    # grown runs bill and search in the event form: described, with the width of the hidden state
+    assert {m for m, v in desc["vectors"].items() if v["event_form"]} == ({"bill", "search"} if which == "grown" else set())
     assert cfg["base_model_name_or_path"] == state["spec"]["base_model"]
     assert set(cfg["target_modules"]) == set(state["spec"]["lora"]["targets"])
     records = [r for r in data.load_records(runs["probe"])[0][:6]]

@@ -47,7 +47,8 @@ TEXTS = [  # real English, two lengths (the shorter row is right-padded)
 MODALITIES = ["bill", "app", "search", "tabular"]
 TRAIN = ["--steps", "2", "--batch-size", "4", "--micro-batch", "4", "--max-len", "48", "--answer-max-len", "12",
          "--mask", "ggsm", "--mask-warmup", "0.5", "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2",
-         "--lr-warmup", "0", "--log-every", "1", "--no-probe"]  # step 0: GG-SM warm-up, step 1: the ramp
+         "--lr-warmup", "0", "--log-every", "1", "--no-probe",  # step 0: GG-SM warm-up, step 1: the ramp
+         "--event-modalities", ""]  # the text form (at 48 tokens auto would take the event form)
 
 
 @pytest.fixture(scope="module")

@@ -49,14 +49,16 @@ def max_diff(a, b):
     """Largest difference over the tensors, relative to each tensor's scale where it exceeds 1 (GG-SM's
     importance under --standardize is O(100): float32 round-off there is ~1e-4 in absolute terms)."""
     assert a.keys() == b.keys(), f"different tensors: {sorted(a.keys() ^ b.keys())[:5]}"
-    return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1)).item() for k in a)
+    return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1)).item() for k in a
+               if a[k].numel())  # an empty tensor (an event-form run's unused row table) has no difference
 
 
 def common(w, out, *extra):
     # --new-lr-mult 1: every group at 5e-3 (x5 gives the adapters 2.5e-2, which turns the standardisation's
     # round-off over 4 users into 2e-5 after 4 steps; the two groups still exist)
     return ["--model", w["model"], "--data", w["train"], "--no-probe", "--out", out, "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", "--new-lr-mult", "1", "--preamble", "", *extra]
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-3", "--new-lr-mult", "1", "--preamble", "",
+            "--event-modalities", "", *extra]  # the text form (auto would pick the event form: 96 tokens cut a lot)
 
 
 @pytest.mark.parametrize("mask, micro, extra", [("ggsm", 4, ["--no-standardize"]), ("hybrid_mlp", 2, ["--no-standardize"]),
@@ -183,7 +185,6 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(workdir, tmp_path, monkeypatc
 
 def test_checkpoint_tensors_checked_on_load(workdir):
     """Loading a checkpoint into the wrong model names the offending tensor; hybrid_mlp's MLPs are saved once."""
-    import probe
     records, report = data.load_records(workdir["train"], require=("answer",))
     for mask in ("ggsm", "hybrid_mlp"):
         args = train.get_args(["--model", workdir["model"], "--mask", mask])
@@ -207,7 +208,6 @@ def test_checkpoint_tensors_checked_on_load(workdir):
 
 
 def test_run_spec_names_missing_and_unexpected_fields(workdir):
-    import probe
     _, report = data.load_records(workdir["train"], require=("answer",))
     spec = train.make_spec(train.get_args(["--model", workdir["model"]]), workdir["model"], report).to_dict()
     assert ckpt.RunSpec.from_dict(json.loads(json.dumps(spec))) == ckpt.RunSpec(**spec)  # JSON round trip
@@ -321,7 +321,6 @@ def test_event_form_trains_resumes_and_probes(workdir):
     """--event-modalities: one position per event of those modalities (the frozen base embeddings pooled over the
     event's tokens, then the modality adapter); trains, resumes and probes; probe.py rebuilds the same template.
     The spliced vector of an event is adapter(mean of the frozen rows of its tokens), checked by hand."""
-    import model
     import probe
     out = str(workdir["root"] / "events")
     argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
@@ -376,3 +375,33 @@ def test_mask_option_reaches_the_strategy_and_the_spec(workdir):
     for bad in ("noequals", "=3"):
         with pytest.raises(SystemExit):
             train.get_args(["--mask-option", bad])
+
+
+def test_event_form_from_the_cache_and_auto(workdir):
+    """The event form read from the encoded cache gives the in-memory run's losses, weights and probe (trained row
+    and its same-form Oracle). --event-modalities auto: at --max-len 96 the text form cuts most events, so every
+    modality without vectors takes the event form (said in the log); at --max-len 2000 nothing is cut, text form."""
+    a, b, c = (str(workdir["root"] / n) for n in ("ev-mem", "ev-cache", "ev-auto"))
+    cache_dir = str(workdir["root"] / "ev-encoded")
+    args = ["--steps", "3", "--batch-size", "8", "--micro-batch", "4", "--probe-data", workdir["probe"]]
+    with_probe = lambda out, *extra: [x for x in common(workdir, out, *args, *extra) if x != "--no-probe"]  # noqa: E731
+    run(with_probe(a, "--event-modalities", "bill,search", "--data-cache", "off"))
+    p = run(with_probe(b, "--event-modalities", "bill,search", "--data-cache", cache_dir))
+    kinds = lambda: sorted(n.split("-")[0] for n in os.listdir(cache_dir))  # noqa: E731
+    assert kinds() == ["probe", "train"]  # the event form of both files, cached
+    assert losses(a) == losses(b)
+    wa, wb = (load_file(os.path.join(r, "checkpoint", "trainable.safetensors")) for r in (a, b))
+    assert max_diff(wa, wb) == 0.0
+    pa, pb = (json.load(open(os.path.join(r, "probe.json"))) for r in (a, b))
+    assert pa["mean_auc"] == pb["mean_auc"] and pa["oracle"]["mean_auc"] == pb["oracle"]["mean_auc"]
+    p = run(with_probe(c, "--event-modalities", "auto", "--data-cache", cache_dir))
+    assert "--event-modalities auto: the text form cuts more than 25% of the events, so bill,minipro,spm,app,search " \
+           "take the event form" in p.stdout, p.stdout
+    with open(os.path.join(c, "checkpoint", "state.json")) as f:
+        assert json.load(f)["spec"]["event_modalities"] == ["bill", "minipro", "spm", "app", "search"]
+    assert kinds() == ["probe", "probe", "train", "train", "train"]  # + the text form (to count its cuts), the chosen
+    p = run(common(workdir, str(workdir["root"] / "ev-auto-long"), *args[:-2], "--event-modalities", "auto",
+                   "--max-len", "2000", "--steps", "1"))
+    assert "--event-modalities auto" not in p.stdout and "cuts" not in p.stdout
+    with open(os.path.join(workdir["root"] / "ev-auto-long", "checkpoint", "state.json")) as f:
+        assert json.load(f)["spec"]["event_modalities"] == []

@@ -13,7 +13,9 @@ oldest-first truncation to max_len, tags, <VEC> placeholders, <USER>, answer + E
 chunk of users at a time. This restates data.Template.encode_user; every build re-encodes a few users with
 data.Template and stops if they differ (check_against_template). A reader touches only the rows of the users it
 asks for, so a rank's private memory does not grow with the number of users (the pages of the memory map it reads
-are page cache, shared by the ranks). Modalities in event form (Template.event_modalities) are not cached.
+are page cache, shared by the ranks). Modalities in event form (Template.event_modalities) keep one <VEC> per event
+and the ids of its text; the reader's template turns them into the event's vector (its event_encoder), so the cache
+never depends on the weights.
 
 The folder's name carries a hash of its key: the file's SHA-256, the validation options and the caller's
 encoding settings (tokenizer, template options). meta.json holds the key in full and the template's fingerprint;
@@ -26,9 +28,13 @@ Layout of a cache folder (.npy files read with np.load(mmap_mode="r"); no pickle
     user_off.npy    (N + 1,) int64   user i's tokens are user_ids[user_off[i]:user_off[i + 1]]
     answer_ids.npy  (T_a,) int32     every answer's token ids (EOS last, where the pooled state is read), concatenated
     answer_off.npy  (N + 1,) int64   (answer files only when the cache was built with answers)
-    vec{k}.npy      (N_k, F_k) float32  the vectors of modality meta["vector_modalities"][k], users in order
-    vec{k}_col.npy  (N_k,) int32     each vector's <VEC> placeholder column in its user's tokens
-    vec{k}_off.npy  (N + 1,) int64   user i's rows
+    vec{k}.npy      (R_k, F_k) float32  the file's vectors of modality meta["vector_modalities"][k], users in order
+    vec{k}_src.npy  (N_k,) int64     each <VEC> of that modality: j >= 0 its vector vec{k}[j]; j < 0 an event in event
+                                     form, its text -j - 1 (text_ids[text_off[-j - 1]:text_off[-j]])
+    vec{k}_col.npy  (N_k,) int32     each <VEC> placeholder's column in its user's tokens
+    vec{k}_off.npy  (N + 1,) int64   user i's rows of vec{k}_src and vec{k}_col
+    text_ids.npy    (T_t,) int32     the ids of every distinct event text (event form only), concatenated
+    text_off.npy    (T + 1,) int64
     labels.npy      (N, T) int8      0/1, -1 where the user has no label; columns meta["tasks"]
     uid_bytes.npy   (B,) uint8       user ids, UTF-8, concatenated
     uid_off.npy     (N + 1,) int64
@@ -51,7 +57,7 @@ import torch
 import data
 from checkpoint import file_sha256
 
-FORMAT = 2             # bump when the layout or the encoding changes: old folders are then not reused
+FORMAT = 3             # bump when the layout or the encoding changes: old folders are then not reused
 CHUNK_USERS = 20_000   # users encoded at once: bounds the numpy temporaries (about 1 KB per event)
 N_CHECK = 8            # the first and last N_CHECK users of every build are re-encoded by data.Template and compared
 
@@ -332,9 +338,6 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     if n == 0:
         raise ValueError(f"{path}: no usable records" + (f"\n{report}" if report.n_bad else ""))
     template = make_template(report)
-    if template.event_modalities:
-        raise ValueError(f"{path}: the encoded cache holds the text form; modalities {template.event_modalities} in "
-                         "event form are encoded in memory (--data-cache off)")
     where = lambda u: f"{path}:{c.line[u]}: user {c.uids[u]}"  # noqa: E731
 
     # per event (file order) and per user, as numpy views of the collected arrays
@@ -386,6 +389,8 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         a_flat, a_off = _tokenize(template, answers, lambda j: f"{where(first_user(c.answer, j))}: answer {answers[j]!r}",
                                   add=[template.eos_id], keep=template.max_answer_len - 1)
     t_len, q_len = np.diff(t_off), np.diff(q_off)
+    # event form (data.Template event_modalities): the event's text becomes one <VEC>, its vector read from its ids
+    as_event = np.isin(ev_m, [tmpl_index[m] for m in template.event_modalities]) & (ev_text >= 0)  # (E,)
     # one source array for the gather that assembles the sequences: text ids, suffix ids, the head of every
     # sequence (<GLOBAL> for hybrid_gq, then the preamble; never cut), then the single tokens
     head_ids = ([template.global_id] if template.global_token else []) + list(template.preamble_ids)
@@ -408,7 +413,8 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
     out_user = _Npy(os.path.join(tmp, "user_ids.npy"), np.int32)
     out_answer = _Npy(os.path.join(tmp, "answer_ids.npy"), np.int32) if with_answer else None
     out_vec = [(_Npy(os.path.join(tmp, f"vec{k}.npy"), np.float32, (template.vector_dims[m],)),
-                _Npy(os.path.join(tmp, f"vec{k}_col.npy"), np.int32)) for k, m in enumerate(vec_mods)]
+                _Npy(os.path.join(tmp, f"vec{k}_col.npy"), np.int32), _Npy(os.path.join(tmp, f"vec{k}_src.npy"), np.int64))
+               for k, m in enumerate(vec_mods)]
     user_len, answer_len, n_cut = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int32)
     history = np.zeros((n, 2), np.int32)
     vec_count = np.zeros((len(vec_mods), n), np.int64)
@@ -420,11 +426,11 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         u = ev_user[ea:eb] - a                                      # (E,) chunk-local user, ascending
         i = np.arange(E) - np.repeat(ev_off[a:b] - ea, n_ev[a:b])   # (E,) index within the user's events
         m = ev_m[ea:eb]
-        tc, vr = ev_text[ea:eb], ev_vec[ea:eb]
+        tc, vr, xv = ev_text[ea:eb], ev_vec[ea:eb], as_event[ea:eb]
         t = ev_time[ea:eb]
         untimed = np.isnan(t)
         tkey = np.where(untimed, 0.0, t)
-        cost = np.where(tc >= 0, t_len[np.maximum(tc, 0)], 0) + (vr >= 0)  # tokens of the event's piece(s)
+        cost = np.where(tc >= 0, np.where(xv, 1, t_len[np.maximum(tc, 0)]), 0) + (vr >= 0)  # tokens of its piece(s)
         # recency key (data.Template): timed events by time, then untimed ones (newer) by file order.
         # nf: newest first within each user; pos: rank of the key, oldest first (the order inside a block)
         nf = np.lexsort((-i, -tkey, -untimed.astype(np.int64), u))
@@ -448,24 +454,29 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         n_cut[a:b] = n_ev[a:b] - np.bincount(u[kept], minlength=nu)
         blk = nf[kept_nf & (rank == 0)]                             # one event per kept block: its user, modality
         # pieces of the sequences: (user, section, modality, position, sub) orders them; start/length in src
-        te, ve = np.flatnonzero(kept & (tc >= 0)), np.flatnonzero(kept & (vr >= 0))
+        te, ve = np.flatnonzero(kept & (tc >= 0) & ~xv), np.flatnonzero(kept & (vr >= 0))
+        xe = np.flatnonzero(kept & xv)                              # event-form texts: one <VEC> each
         users = np.arange(nu)
         gl = users if H else users[:0]                              # one head piece per user
-        p_u = np.concatenate([gl, u[blk], u[te], u[ve], u[blk], users])
-        p_sec = np.concatenate([np.zeros(len(gl)), np.ones(len(blk) + len(te) + len(ve) + len(blk)),
+        # within an event: its text (ids, or one <VEC> in event form) first, then the <VEC> of its own vector
+        p_u = np.concatenate([gl, u[blk], u[te], u[xe], u[ve], u[blk], users])
+        p_sec = np.concatenate([np.zeros(len(gl)), np.ones(len(blk) + len(te) + len(xe) + len(ve) + len(blk)),
                                 np.full(nu, 2)])
-        p_m = np.concatenate([np.zeros(len(gl), np.int64), m[blk], m[te], m[ve], m[blk], np.zeros(nu, np.int64)])
-        p_pos = np.concatenate([np.zeros(len(gl), np.int64), np.full(len(blk), -1), pos[te], pos[ve],
+        p_m = np.concatenate([np.zeros(len(gl), np.int64), m[blk], m[te], m[xe], m[ve], m[blk], np.zeros(nu, np.int64)])
+        p_pos = np.concatenate([np.zeros(len(gl), np.int64), np.full(len(blk), -1), pos[te], pos[xe], pos[ve],
                                 np.full(len(blk), E), np.zeros(nu, np.int64)])
-        p_sub = np.concatenate([np.zeros(len(gl) + len(blk) + len(te)), np.ones(len(ve)),
+        p_sub = np.concatenate([np.zeros(len(gl) + len(blk) + len(te) + len(xe)), np.ones(len(ve)),
                                 np.zeros(len(blk) + nu)])
-        p_start = np.concatenate([np.full(len(gl), S0), OPEN + m[blk], t_off[tc[te]], np.full(len(ve), VEC),
+        p_start = np.concatenate([np.full(len(gl), S0), OPEN + m[blk], t_off[tc[te]], np.full(len(xe) + len(ve), VEC),
                                   CLOSE + m[blk], len(t_flat) + q_off[query[a:b]]])
         p_len = np.concatenate([np.full(len(gl), H), np.ones(len(blk), np.int64), t_len[tc[te]],
-                                np.ones(len(ve), np.int64), np.ones(len(blk), np.int64), q_len[query[a:b]]])
-        p_vr = np.concatenate([np.full(len(gl) + len(blk) + len(te), -1), vr[ve], np.full(len(blk) + nu, -1)])
+                                np.ones(len(xe) + len(ve), np.int64), np.ones(len(blk), np.int64), q_len[query[a:b]]])
+        # the source of a <VEC>: the file's vector r (r >= 0), or an event-form text c (-c - 1); -len(texts) - 1 none
+        none = -len(texts) - 1
+        p_src = np.concatenate([np.full(len(gl) + len(blk) + len(te), none), -tc[xe] - 1, vr[ve],
+                                np.full(len(blk) + nu, none)])
         order = np.lexsort((p_sub, p_pos, p_m, p_sec, p_u))
-        p_u, p_m, p_start, p_len, p_vr = p_u[order], p_m[order], p_start[order], p_len[order], p_vr[order]
+        p_u, p_m, p_start, p_len, p_src = p_u[order], p_m[order], p_start[order], p_len[order], p_src[order]
         tokens = src[_ranges(p_start, p_len)]                      # (sum of lengths,) the chunk's sequences
         lens = np.bincount(p_u, weights=p_len, minlength=nu).astype(np.int64)
         # u is ascending, so u[nf] == u: the newest-first arrays share the file order's per-user ranges
@@ -478,10 +489,13 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         p_out = np.cumsum(p_len) - p_len
         u_out = np.cumsum(lens) - lens
         for k, mname in enumerate(vec_mods):
-            sel = (p_vr >= 0) & (p_m == tmpl_index[mname])
-            F = template.vector_dims[mname]
-            rows = vec_val[_ranges(vec_start[p_vr[sel]], np.full(int(sel.sum()), F))].reshape(-1, F)  # (N_k, F)
+            sel = (p_src != none) & (p_m == tmpl_index[mname])
+            came, F = p_src[sel], template.vector_dims[mname]
+            file_vec = came >= 0
+            rows = vec_val[_ranges(vec_start[came[file_vec]], np.full(int(file_vec.sum()), F))].reshape(-1, F)  # (R, F)
             out_vec[k][0].write(rows.astype(np.float32))
+            # the file's vectors are numbered as written, over all chunks
+            out_vec[k][2].write(np.where(file_vec, out_vec[k][0].n - len(rows) + np.cumsum(file_vec) - 1, came))
             out_vec[k][1].write(p_out[sel] - u_out[p_u[sel]])
             vec_count[k, a:b] = np.bincount(p_u[sel], minlength=nu)
         if with_answer:
@@ -493,6 +507,9 @@ def _encode_into(tmp, path, key, make_template, require, skip_bad, with_answer, 
         f.close()
     save = lambda name, x: np.save(os.path.join(tmp, name), x)  # noqa: E731
     save("user_off.npy", _offsets(user_len))
+    if template.event_modalities:
+        save("text_ids.npy", t_flat)
+        save("text_off.npy", t_off)
     if with_answer:
         save("answer_off.npy", _offsets(answer_len))
     for k in range(len(vec_mods)):
@@ -571,10 +588,14 @@ class EncodedDataset(torch.utils.data.Dataset):
         if self.with_answer:
             self.answer_off = load("answer_off.npy", self.n + 1)
             self.answer_ids = load("answer_ids.npy", int(self.answer_off[-1]))
-        self.vecs = {}  # modality -> (values (N_k, F), columns (N_k,), offsets (N + 1,))
+        self.vecs = {}  # modality -> (the file's vectors (R_k, F), sources (N_k,), columns (N_k,), offsets (N + 1,))
         for k, m in enumerate(meta["vector_modalities"]):
             off = load(f"vec{k}_off.npy", self.n + 1)
-            self.vecs[m] = (load(f"vec{k}.npy", int(off[-1])), load(f"vec{k}_col.npy", int(off[-1])), off)
+            self.vecs[m] = (load(f"vec{k}.npy"), load(f"vec{k}_src.npy", int(off[-1])), load(f"vec{k}_col.npy", int(off[-1])),
+                            off)
+        if template.event_modalities:
+            self.text_off = load("text_off.npy")
+            self.text_ids = load("text_ids.npy", int(self.text_off[-1]))
         self.labels = load("labels.npy", self.n)
         self.uid_off = load("uid_off.npy", self.n + 1)
         self.uid_bytes = load("uid_bytes.npy", int(self.uid_off[-1]))
@@ -585,6 +606,10 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.n
+
+    def event_vector(self, c):
+        """Event text c (event form) -> its (F,) vector: the template's event_encoder over the text's ids."""
+        return self.template.event_encoder(self.text_ids[self.text_off[c]:self.text_off[c + 1]].tolist())
 
     def user_id(self, i):
         return bytes(self.uid_bytes[self.uid_off[i]:self.uid_off[i + 1]]).decode("utf-8")
@@ -601,11 +626,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         i = int(i)
         ids = self.user_ids[self.user_off[i]:self.user_off[i + 1]].tolist()
         vector_pos, vectors = {}, {}
-        for m, (val, col, off) in self.vecs.items():
+        for m, (val, src, col, off) in self.vecs.items():
             lo, hi = off[i], off[i + 1]
             if hi > lo:  # as data.Template: a modality appears only when the user has vectors of it
                 vector_pos[m] = col[lo:hi].tolist()
-                vectors[m] = np.array(val[lo:hi])  # (n, F) float32, a copy out of the map
+                vectors[m] = np.stack([val[j] if j >= 0 else self.event_vector(-j - 1) for j in src[lo:hi].tolist()]
+                                      ).astype(np.float32)  # (n, F), a copy out of the map
         answer = self.answer_ids[self.answer_off[i]:self.answer_off[i + 1]].tolist() if self.with_answer else None
         return dict(index=i, user_id=self.user_id(i), input_ids=ids, user_index=len(ids) - 1,
                     history=(int(self.history[i, 0]), int(self.history[i, 1])), vector_pos=vector_pos,
@@ -616,24 +642,41 @@ class EncodedDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # the training file's cache, as train.py uses it
 
-def ensure_for_training(args, train_path, model_dir, ddp, master, log):
+def ids_checksum(width):
+    """A stand-in event encoder for the build's self-check (check_against_template): the cache stores an event's
+    ids, not its vector, so any function of the ids that tells them apart checks the assembly; the real one
+    (model.frozen_token_mean) needs the weights, which the cache must not depend on. -> ids -> (width,) float32."""
+    def encode(ids):
+        x = np.asarray(ids, dtype=np.float64)
+        v = np.zeros(width, np.float32)
+        v[:3] = [len(x), x.sum(), (x * np.arange(1, len(x) + 1)).sum()][:width]
+        return v
+    return encode
+
+
+def ensure_for_training(args, train_path, model_dir, ddp, master, log, event_modalities=()):
     """-> (the encoded cache folder of train.py's training file, its LoadReport). Rank 0 builds it when missing; the
     others wait for its folder name (an error on rank 0 stops every rank with the same message)."""
     import torch.distributed as dist
     import ggsm
     global_token = ggsm.STRATEGIES[args.mask].global_token
+    events = {}
+    if event_modalities:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            width = json.load(f)["hidden_size"]
+        events = dict(event_modalities=list(event_modalities), event_encoder=ids_checksum(width), event_dim=width)
 
     def make_template(report):  # the template checkpoint.build_encoder makes for this run on a file with this report
         return data.Template(os.path.join(model_dir, "tokenizer.json"), report.modalities, report.vector_dims,
                              max_len=args.max_len, global_token=global_token, max_answer_len=args.answer_max_len,
-                             preamble=args.preamble)
+                             preamble=args.preamble, **events)
 
     result = None
     if master:
         # what decides the encoding besides the file: the tokenizer's bytes and the template's options
         settings = {"tokenizer_sha256": file_sha256(os.path.join(model_dir, "tokenizer.json")),
                     "max_len": args.max_len, "answer_max_len": args.answer_max_len, "global_token": global_token,
-                    "modalities": "the file's", "preamble": args.preamble}
+                    "modalities": "the file's", "preamble": args.preamble, "event_modalities": list(event_modalities)}
         root = os.path.join(os.path.dirname(os.path.abspath(train_path)), "encoded") if args.data_cache is None \
             else args.data_cache
         try:

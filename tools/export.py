@@ -131,9 +131,13 @@ def describe(encoder, template, spec, kind, loading):
             mask += ("; and blocked where j > i unless query i and key j both lie in the row's user-history "
                      "segment: from the first block's opening tag to the last block's closing tag, inclusive")
     vectors = {}
-    for m, f in spec.vector_dims.items():
+    for m, f in template.vector_dims.items():  # the file's vector modalities and those in event form
         hidden = encoder.adapters[m].fc1.out_features
         vectors[m] = {"in_features": f, "placeholder": data.VEC_TOKEN,
+                      "event_form": None if m not in template.event_modalities else
+                      "one placeholder per event instead of its text's tokens: the ids of ' {text};' (tokenizer.json, "
+                      "no special tokens) -> the mean of the base model's input-embedding rows at those ids (frozen) "
+                      "is the event's vector; an event that also carries a vector gets a second placeholder after it",
                       "adapter": f"LayerNorm({f}, eps={encoder.adapters[m].norm.eps}) -> Linear({f}, {hidden}) -> GELU "
                                  f"(erf) -> Linear({hidden}, {D}), tensors adapters.{m}.*",
                       "use": "inputs_embeds = input embeddings of the ids; the k-th placeholder of the row in this "

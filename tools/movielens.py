@@ -37,6 +37,7 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
 CUT_FRAC, MAX_EVENTS, TOP_K, MIN_RATE, MAX_RATE = 0.8, 60, 3, 0.10, 0.90
 QUERY = "Which genres will this user rate next?"
+QUERY_TITLES = "Which movies will this user rate next?"
 IN_WHEEL = "recbole/dataset_example/ml-100k/"
 # ratings, items, users: file -> (separator, fields per line, header line or None); RecBole's header is checked
 RECBOLE = {"ml-100k.inter": ("\t", 4, "user_id:token\titem_id:token\trating:float\ttimestamp:float"),
@@ -116,8 +117,9 @@ def load(layout, texts):
     return items, users, ratings
 
 
-def build(items, users, ratings, window):
-    """One record per user, with every candidate label."""
+def build(items, users, ratings, window, answer="genres"):
+    """One record per user, with every candidate label. answer: "genres" (the future's top-3 genres) or "titles"
+    (the future's movies, "Title (Year) | Genre, Genre" each, in order: an answer that carries the items)."""
     catalogue = Counter(g for _, gs in items.values() for g in gs)
     records = []
     for uid in sorted(ratings, key=int):
@@ -140,7 +142,9 @@ def build(items, users, ratings, window):
                   "future_mean_above_history_mean": statistics.mean(stars) > statistics.mean(s for *_, s in hist),
                   "future_any_rating_le_2": min(stars) <= 2, "future_any_5_star": max(stars) == 5}
         labels.update({"future_" + g.lower().replace("'", "").replace("-", "_"): seen[g] > 0 for g in GENRES})
-        records.append({"user_id": "u" + uid, "events": events, "query": QUERY, "answer": "; ".join(top),
+        said = top if answer == "genres" else ["%s | %s" % (items[i][0], ", ".join(items[i][1])) for _, i, _ in fut]
+        records.append({"user_id": "u" + uid, "events": events, "query": QUERY if answer == "genres" else QUERY_TITLES,
+                        "answer": "; ".join(said),
                         "labels": {k: int(v) for k, v in labels.items()}})
     return records
 
@@ -194,6 +198,8 @@ def main(argv=None):
     src.add_argument("--baseline", help="a probe.jsonl written here: probe the genre/star histogram baseline instead")
     ap.add_argument("--out", default="cache/movielens", help="writes OUT/train.jsonl and OUT/probe.jsonl")
     ap.add_argument("--future-window", type=int, default=5, help="held-out ratings that make the future (0: all)")
+    ap.add_argument("--answer", choices=("genres", "titles"), default="genres",
+                    help="the contrastive answer: the future's top-3 genres, or its movies (titles and genres)")
     ap.add_argument("--last", type=int, default=None, help="--baseline: use each user's last N events only")
     a = ap.parse_args(argv)
     if a.baseline:
@@ -203,7 +209,7 @@ def main(argv=None):
     if a.future_window < 0:
         ap.error("--future-window must be >= 0")
     items, users, ratings = load(*read_sources(a.wheel, a.dir))
-    records = build(items, users, ratings, a.future_window)
+    records = build(items, users, ratings, a.future_window, a.answer)
     if not records:
         raise ValueError("no user has 3 or more ratings")
     rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
