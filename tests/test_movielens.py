@@ -136,6 +136,18 @@ def test_answer_ranking_and_tie_break(converted, sources, tmp_path):
     assert {r["user_id"]: r["answer"] for r in read(out, "train.jsonl")}["u3"] == "Comedy; Drama; Action"
 
 
+def test_titles_answer(converted, sources, tmp_path):
+    """--answer titles: the future's movies in time order (u1: item 3 then item 2), the same events and labels."""
+    out = str(tmp_path / "titles")
+    movielens.main(["--wheel", str(sources / "fake.whl"), "--out", out, "--answer", "titles"])
+    recs = {r["user_id"]: r for r in read(out, "probe.jsonl")}
+    assert recs["u1"]["answer"] == "Gamma (1992) | Children's, Comedy; Bêta (1991) | Drama"
+    assert recs["u1"]["query"] == "Which movies will this user rate next?"
+    for u, r in recs.items():
+        assert {k: v for k, v in r.items() if k not in ("answer", "query")} == \
+            {k: v for k, v in converted[2][u].items() if k not in ("answer", "query")}
+
+
 def test_labels_by_hand_and_rate_filter(converted):
     _, summary, recs = converted
     assert summary["users"] == 3 and set(recs) == {"u1", "u2", "u3"}  # u4 (2 ratings) skipped

@@ -13,7 +13,8 @@ Input: the RecBole wheel, only a carrier of ml-100k.inter/.item/.user (read with
 
 Per user, ratings by time (ties by item id): the first 80% are the history, the next --future-window (5) the future.
 events: the last 60 history ratings, text "Title (Year) | Genre, Genre | N stars". query: "Which genres will this
-user rate next?"; answer: the future's top-3 genres by count (ties: the genre with more movies, then the name).
+user rate next?"; answer: the future's top-3 genres by count (ties: the genre with more movies, then the name);
+--answer titles: "Which movies will this user rate next?", the future's movies "Title (Year) | Genres; ..." instead.
 labels: demographics and the future's behaviour (mean rating >= 4, above the history mean, any rating <= 2, any
 5 stars, any movie of each genre), kept if the positive rate lies in [0.10, 0.90].
 
