@@ -133,7 +133,25 @@ def test_answer_ranking_and_tie_break(converted, sources, tmp_path):
     assert recs["u3"]["answer"] == "Comedy; Children's; Drama"
     out, _ = convert(tmp_path, "all", "--wheel", str(sources / "fake.whl"), window=0)
     # all 16 held out: Comedy 10, Drama 6, Action 5 = Children's 5 (name)
-    assert {r["user_id"]: r["answer"] for r in read(out, "train.jsonl")}["u3"] == "Comedy; Drama; Action"
+    assert {r["user_id"]: r["answer"] for r in read(out, "probe.jsonl")}["u3"] == "Comedy; Drama; Action"
+
+
+def test_training_records_end_before_the_probe_future(converted, sources, tmp_path):
+    """train.jsonl: a user's record is cut one window (5) before the probe's cut and answers with that window, so
+    no rating a probe label comes from reaches training; --train-windows 2 adds a record a window earlier still
+    (where the history allows)."""
+    train = {r["user_id"]: r for r in read(converted[0], "train.jsonl")}
+    u3 = train["u3"]  # probe cut at 64: training history 0..58, answer from k = 59..63 (items 3, 1, 2, 3, 1)
+    assert [e["time"] - T0 - 200 for e in u3["events"]] == list(range(59))  # u3 rates at T0 + 200 + k
+    assert u3["answer"] == "Comedy; Action; Children's" and "labels" not in u3  # Action = Children's: by name
+    probe_u3 = converted[2]["u3"]
+    assert max(e["time"] for e in u3["events"]) < min(e["time"] for e in probe_u3["events"][-5:])
+    assert [e["time"] - T0 for e in train["u1"]["events"]] == [0, 1, 2]  # u1: probe cut at 8, training at 3
+    out = str(tmp_path / "two")
+    movielens.main(["--wheel", str(sources / "fake.whl"), "--out", out, "--train-windows", "2"])
+    two = {r["user_id"]: r for r in read(out, "train.jsonl")}
+    assert sorted(two) == ["u1", "u2", "u3", "u3-2"]  # u1 and u2 have no room for a second window
+    assert [e["time"] - T0 - 200 for e in two["u3-2"]["events"]] == list(range(54)) and two["u3"] == u3
 
 
 def test_titles_answer(converted, sources, tmp_path):

@@ -22,8 +22,12 @@ Why a window: over all held-out ratings, a more active user has more of them, so
 measured activity (correlation with the log of the user's number of ratings 0.51 for future_horror; with a window
 of 5 it is 0.09, at most 0.14 in size for any future label kept). --future-window 0: all held-out ratings.
 
-The same users are in both files on purpose: training reads only events/query/answer, the labels (only in
-probe.jsonl) never reach it, and probe.py splits the probe users into its own train/test by a hash of user_id.
+The same users are in both files on purpose (the paper embeds the users it trained on): training reads only
+events/query/answer, the labels (only in probe.jsonl) never reach it, and probe.py splits the probe users into its
+own train/test by a hash of user_id. But train.jsonl stops before the probe's future: its record of a user is cut a
+window earlier and answers with the window just before the probe's cut (--train-windows K: K such records, each a
+window earlier). Until this converter did so, a user's training answer was the top-3 genres of the very ratings
+its future_* labels came from, and the trained rows' lead on those tasks was partly that leak (docs/movielens.md).
 """
 import argparse
 import json
@@ -118,21 +122,32 @@ def load(layout, texts):
     return items, users, ratings
 
 
-def build(items, users, ratings, window, answer="genres"):
-    """One record per user, with every candidate label. answer: "genres" (the future's top-3 genres) or "titles"
-    (the future's movies, "Title (Year) | Genre, Genre" each, in order: an answer that carries the items)."""
+def said(items, catalogue, fut, answer):
+    """-> (query, answer) of a future: its top-3 genres, or (answer="titles") its movies in order."""
+    if answer == "titles":
+        return QUERY_TITLES, "; ".join("%s | %s" % (items[i][0], ", ".join(items[i][1])) for _, i, _ in fut)
+    seen = Counter(g for _, i, _ in fut for g in items[i][1])
+    return QUERY, "; ".join(sorted(seen, key=lambda g: (-seen[g], -catalogue[g], g))[:TOP_K])
+
+
+def build(items, users, ratings, window, answer="genres", train_windows=1):
+    """-> (probe records: one per user, with every candidate label; training records, without labels).
+    A probe record reads the history before the cut and is labelled by the `window` ratings after it. A training
+    record k (1..train_windows) is cut `k * window` ratings earlier (5 when window is 0) and answers with the
+    `window` ratings that follow, all before the probe's cut: training never sees a rating that a probe label
+    is computed from (the contrastive answer is the future's genres, which the future_* labels restate)."""
     catalogue = Counter(g for _, gs in items.values() for g in gs)
-    records = []
+    w_train = window or 5
+    records, train = [], []
     for uid in sorted(ratings, key=int):
         rs = sorted(ratings[uid])  # by time, then item id
         cut = int(round(CUT_FRAC * len(rs)))
         hist, fut = rs[:cut], rs[cut:cut + window] if window else rs[cut:]
         if not hist or not fut:  # fewer than 3 ratings: nothing to read or nothing to predict
             continue
-        events = [{"modality": "rating", "time": t, "text": "%s | %s | %d star%s" % (
-            items[i][0], ", ".join(items[i][1]), s, "" if s == 1 else "s")} for t, i, s in hist[-MAX_EVENTS:]]
+        events = lambda h: [{"modality": "rating", "time": t, "text": "%s | %s | %d star%s" % (  # noqa: E731
+            items[i][0], ", ".join(items[i][1]), s, "" if s == 1 else "s")} for t, i, s in h[-MAX_EVENTS:]]
         seen = Counter(g for _, i, _ in fut for g in items[i][1])
-        top = sorted(seen, key=lambda g: (-seen[g], -catalogue[g], g))[:TOP_K]
         age, gender, job = users[uid]
         stars = [s for _, _, s in fut]
         labels = {"female": gender == "F", "age_under_25": age < 25, "age_under_30": age < 30,
@@ -143,11 +158,17 @@ def build(items, users, ratings, window, answer="genres"):
                   "future_mean_above_history_mean": statistics.mean(stars) > statistics.mean(s for *_, s in hist),
                   "future_any_rating_le_2": min(stars) <= 2, "future_any_5_star": max(stars) == 5}
         labels.update({"future_" + g.lower().replace("'", "").replace("-", "_"): seen[g] > 0 for g in GENRES})
-        said = top if answer == "genres" else ["%s | %s" % (items[i][0], ", ".join(items[i][1])) for _, i, _ in fut]
-        records.append({"user_id": "u" + uid, "events": events, "query": QUERY if answer == "genres" else QUERY_TITLES,
-                        "answer": "; ".join(said),
+        query, said_ = said(items, catalogue, fut, answer)
+        records.append({"user_id": "u" + uid, "events": events(hist), "query": query, "answer": said_,
                         "labels": {k: int(v) for k, v in labels.items()}})
-    return records
+        for k in range(1, train_windows + 1):
+            c = cut - k * w_train
+            if c < 1:
+                break
+            query, said_ = said(items, catalogue, rs[c:c + w_train], answer)
+            train.append({"user_id": "u" + uid + ("" if k == 1 else f"-{k}"), "events": events(rs[:c]),
+                          "query": query, "answer": said_})
+    return records, train
 
 
 def write_jsonl(path, records):
@@ -201,16 +222,19 @@ def main(argv=None):
     ap.add_argument("--future-window", type=int, default=5, help="held-out ratings that make the future (0: all)")
     ap.add_argument("--answer", choices=("genres", "titles"), default="genres",
                     help="the contrastive answer: the future's top-3 genres, or its movies (titles and genres)")
+    ap.add_argument("--train-windows", type=int, default=1,
+                    help="training records per user, each cut a future window earlier than the last (all before the "
+                         "probe's cut)")
     ap.add_argument("--last", type=int, default=None, help="--baseline: use each user's last N events only")
     a = ap.parse_args(argv)
     if a.baseline:
         _, mean, se = histogram_baseline(a.baseline, a.last)
         print(f"genre/star histogram, logistic-regression probe: mean AUC {mean:.4f} ± {se:.4f}")
         return mean
-    if a.future_window < 0:
-        ap.error("--future-window must be >= 0")
+    if a.future_window < 0 or a.train_windows < 1:
+        ap.error("--future-window must be >= 0 and --train-windows >= 1")
     items, users, ratings = load(*read_sources(a.wheel, a.dir))
-    records = build(items, users, ratings, a.future_window, a.answer)
+    records, train = build(items, users, ratings, a.future_window, a.answer, a.train_windows)
     if not records:
         raise ValueError("no user has 3 or more ratings")
     rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
@@ -218,11 +242,12 @@ def main(argv=None):
     dropped = {k: v for k, v in sorted(rates.items()) if k not in keep}
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    write_jsonl(os.path.join(out, "train.jsonl"), [{k: v for k, v in r.items() if k != "labels"} for r in records])
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
     write_jsonl(os.path.join(out, "probe.jsonl"), [dict(r, labels={k: r["labels"][k] for k in keep}) for r in records])
 
     ev = [len(r["events"]) for r in records]
-    print(f"users: {len(records)}, the same in train.jsonl and probe.jsonl ({out}); {len(ratings) - len(records)} "
+    print(f"users: {len(records)} in probe.jsonl, {len(train)} training records in train.jsonl ({out}); "
+          f"{len(ratings) - len(records)} "
           f"skipped (fewer than 3 ratings); future window: {a.future_window or 'all'} held-out ratings")
     print(f"events per user (at most {MAX_EVENTS}): median {statistics.median(ev):g}, min {min(ev)}, max {max(ev)}")
     print("answer examples:", [r["answer"] for r in records[:3]])
