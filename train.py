@@ -513,8 +513,8 @@ def main(argv=None):
     text_only = [m for m in report.modalities if m not in report.vector_dims]  # vectors of their own: not event form
     if auto and train_set.n_cut > AUTO_CUT * n_events and text_only:
         events = text_only
-        log(f"--event-modalities auto: the text form cuts more than {AUTO_CUT:.0%} of the events, so {','.join(events)} "
-            "take the event form (one position per event)")
+        log(f"--event-modalities auto: the text form cuts more than {AUTO_CUT:.0%} of the events: the event form (one "
+            f"position per event) for {','.join(events)}")
         dataset, report = open_data(args, events, load, loaded, train_path, model_dir, ddp, master, log)
         spec = make_spec(args, model_dir, report, events)
         encoder, template, strategy, train_set = encoder_and_users(spec)

@@ -395,8 +395,8 @@ def test_event_form_from_the_cache_and_auto(workdir):
     pa, pb = (json.load(open(os.path.join(r, "probe.json"))) for r in (a, b))
     assert pa["mean_auc"] == pb["mean_auc"] and pa["oracle"]["mean_auc"] == pb["oracle"]["mean_auc"]
     p = run(with_probe(c, "--event-modalities", "auto", "--data-cache", cache_dir))
-    assert "--event-modalities auto: the text form cuts more than 25% of the events, so bill,minipro,spm,app,search " \
-           "take the event form" in p.stdout, p.stdout
+    assert "--event-modalities auto: the text form cuts more than 25% of the events: the event form (one position " \
+           "per event) for bill,minipro,spm,app,search" in p.stdout, p.stdout
     with open(os.path.join(c, "checkpoint", "state.json")) as f:
         assert json.load(f)["spec"]["event_modalities"] == ["bill", "minipro", "spm", "app", "search"]
     assert kinds() == ["probe", "probe", "train", "train", "train"]  # + the text form (to count its cuts), the chosen
