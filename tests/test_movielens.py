@@ -152,6 +152,11 @@ def test_training_records_end_before_the_probe_future(converted, sources, tmp_pa
     two = {r["user_id"]: r for r in read(out, "train.jsonl")}
     assert sorted(two) == ["u1", "u2", "u3", "u3-2"]  # u1 and u2 have no room for a second window
     assert [e["time"] - T0 - 200 for e in two["u3-2"]["events"]] == list(range(54)) and two["u3"] == u3
+    out = str(tmp_path / "ten")
+    movielens.main(["--wheel", str(sources / "fake.whl"), "--out", out, "--train-window", "10"])
+    ten = {r["user_id"]: r for r in read(out, "train.jsonl")}["u3"]  # cut at 54, answer from k = 54..63
+    assert [e["time"] - T0 - 200 for e in ten["events"]] == list(range(54))
+    assert ten["answer"] == "Comedy; Action; Children's"  # Comedy 7, Action 4, Children's 3 = Drama 3 (name)
 
 
 def test_titles_answer(converted, sources, tmp_path):

@@ -130,14 +130,14 @@ def said(items, catalogue, fut, answer):
     return QUERY, "; ".join(sorted(seen, key=lambda g: (-seen[g], -catalogue[g], g))[:TOP_K])
 
 
-def build(items, users, ratings, window, answer="genres", train_windows=1):
+def build(items, users, ratings, window, answer="genres", train_windows=1, train_window=None):
     """-> (probe records: one per user, with every candidate label; training records, without labels).
     A probe record reads the history before the cut and is labelled by the `window` ratings after it. A training
-    record k (1..train_windows) is cut `k * window` ratings earlier (5 when window is 0) and answers with the
-    `window` ratings that follow, all before the probe's cut: training never sees a rating that a probe label
+    record k (1..train_windows) is cut `k * train_window` ratings earlier (default `window`, 5 when that is 0) and
+    answers with the `train_window` ratings that follow, all before the probe's cut: training never sees a rating that a probe label
     is computed from (the contrastive answer is the future's genres, which the future_* labels restate)."""
     catalogue = Counter(g for _, gs in items.values() for g in gs)
-    w_train = window or 5
+    w_train = train_window or window or 5
     records, train = [], []
     for uid in sorted(ratings, key=int):
         rs = sorted(ratings[uid])  # by time, then item id
@@ -225,16 +225,18 @@ def main(argv=None):
     ap.add_argument("--train-windows", type=int, default=1,
                     help="training records per user, each cut a future window earlier than the last (all before the "
                          "probe's cut)")
+    ap.add_argument("--train-window", type=int, default=None,
+                    help="ratings in a training record's answer window (default: --future-window, 5 when that is 0)")
     ap.add_argument("--last", type=int, default=None, help="--baseline: use each user's last N events only")
     a = ap.parse_args(argv)
     if a.baseline:
         _, mean, se = histogram_baseline(a.baseline, a.last)
         print(f"genre/star histogram, logistic-regression probe: mean AUC {mean:.4f} ± {se:.4f}")
         return mean
-    if a.future_window < 0 or a.train_windows < 1:
-        ap.error("--future-window must be >= 0 and --train-windows >= 1")
+    if a.future_window < 0 or a.train_windows < 1 or (a.train_window is not None and a.train_window < 1):
+        ap.error("--future-window must be >= 0, --train-windows and --train-window >= 1")
     items, users, ratings = load(*read_sources(a.wheel, a.dir))
-    records, train = build(items, users, ratings, a.future_window, a.answer, a.train_windows)
+    records, train = build(items, users, ratings, a.future_window, a.answer, a.train_windows, a.train_window)
     if not records:
         raise ValueError("no user has 3 or more ratings")
     rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
