@@ -261,3 +261,31 @@ def test_histogram_features_by_hand():
     assert X[0] == pytest.approx([1 / 3, 2 / 3, 1 / 3, 1 / 3, 0, 0, 1 / 3, 1 / 3, 3])
     X, genres = movielens.histogram_features(recs, last=2)  # the last two events only
     assert genres == ["Comedy", "Drama"] and X[0] == pytest.approx([0.5, 0.5, 0.5, 0, 0, 0, 0.5, 2])
+
+
+def test_title_vectors_match_transformers(sources, tmp_path):
+    """--title-vectors: each movie read by a frozen decoder, the mean of its last hidden states over the title's
+    tokens, checked against transformers on a tiny random checkpoint (batched with right padding, so titles of
+    different lengths share a batch); events keep only their stars as text."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tools import tiny_decoder
+    items = {i: (f"{t} ({y})" if y else t, g) for i, (t, y, g) in ITEMS.items()}
+    texts = [" %s | %s" % (t, ", ".join(g)) for t, g in items.values()]
+    tok = tiny_decoder.train_tokenizer(texts * 20, vocab_size=120)
+    cfg = transformers.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    folder = str(tmp_path / "m")
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    vectors = movielens.title_vectors(items, folder, batch=3)
+    hf = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    for i, text in zip(items, texts):
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False).ids])
+        with torch.no_grad():
+            want = hf(input_ids=ids).last_hidden_state[0].mean(0)
+        assert torch.allclose(torch.tensor(vectors[i]), want, atol=1e-5), items[i]
+    recs = movielens.with_title_vectors([{"events": [{"text": "Alpha (1990) | Action, Comedy | 4 stars"}]}], vectors,
+                                        {"Alpha (1990) | Action, Comedy": 1})
+    assert recs[0]["events"][0] == {"text": "4 stars", "vector": vectors[1]}

@@ -171,6 +171,41 @@ def build(items, users, ratings, window, answer="genres", train_windows=1, train
     return records, train
 
 
+def title_vectors(items, model_dir, batch=64):
+    """The paper's per-modality event encoder with a local checkpoint: each movie's " Title (Year) | Genres" read by
+    the frozen decoder of model_dir (e.g. SmolLM2 from tools/smollm2.py), the mean of its last hidden states over
+    the text's tokens (causal mask, right padding ignored). -> {item id: [float] * hidden size}."""
+    import torch
+    from tokenizers import Tokenizer
+    import model
+    decoder = model.Decoder.from_pretrained(model_dir).eval()
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    ids = sorted(items)
+    out = {}
+    with torch.no_grad():
+        for k in range(0, len(ids), batch):
+            chunk = ids[k:k + batch]
+            enc = [e.ids for e in tok.encode_batch([" %s | %s" % (items[i][0], ", ".join(items[i][1])) for i in chunk],
+                                                   add_special_tokens=False)]
+            x = torch.zeros(len(enc), max(map(len, enc)), dtype=torch.long)
+            real = torch.zeros(x.shape)
+            for j, e in enumerate(enc):
+                x[j, :len(e)], real[j, :len(e)] = torch.tensor(e), 1.0
+            h = decoder(input_ids=x).float()  # (B, L, D); causal: a padded tail never reaches the real tokens
+            mean = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            out.update({i: [round(v, 6) for v in row] for i, row in zip(chunk, mean.tolist())})
+    return out
+
+
+def with_title_vectors(records, vectors, titles):
+    """Each event's title goes into its `vector`; its text keeps the stars only ("4 stars")."""
+    for r in records:
+        for ev in r["events"]:
+            title, stars = ev["text"].rsplit(" | ", 1)
+            ev["vector"], ev["text"] = vectors[titles[title]], stars
+    return records
+
+
 def write_jsonl(path, records):
     """A temporary file beside it, then os.replace: no reader ever sees half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"  # not mkstemp: its 0600 mode would survive the replace
@@ -227,6 +262,8 @@ def main(argv=None):
                          "probe's cut)")
     ap.add_argument("--train-window", type=int, default=None,
                     help="ratings in a training record's answer window (default: --future-window, 5 when that is 0)")
+    ap.add_argument("--title-vectors", metavar="MODEL_DIR", help="each event's movie as a vector read by that frozen "
+                    "decoder (the mean of its last hidden states), its text the stars only")
     ap.add_argument("--last", type=int, default=None, help="--baseline: use each user's last N events only")
     a = ap.parse_args(argv)
     if a.baseline:
@@ -242,6 +279,10 @@ def main(argv=None):
     rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
     keep = {k: v for k, v in rates.items() if MIN_RATE <= v <= MAX_RATE}
     dropped = {k: v for k, v in sorted(rates.items()) if k not in keep}
+    if a.title_vectors:
+        vectors = title_vectors(items, a.title_vectors)
+        titles = {"%s | %s" % (t, ", ".join(g)): i for i, (t, g) in items.items()}
+        records, train = with_title_vectors(records, vectors, titles), with_title_vectors(train, vectors, titles)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     write_jsonl(os.path.join(out, "train.jsonl"), train)
