@@ -15,6 +15,8 @@ Per user, ratings by time (ties by item id): the first 80% are the history, the 
 events: the last 60 history ratings, text "Title (Year) | Genre, Genre | N stars". query: "Which genres will this
 user rate next?"; answer: the future's top-3 genres by count (ties: the genre with more movies, then the name);
 --answer titles: "Which movies will this user rate next?", the future's movies "Title (Year) | Genres; ..." instead.
+--title-vectors MODEL_DIR: each event's "Title (Year) | Genres" becomes its `vector`, read by that frozen decoder
+(e.g. SmolLM2, tools/smollm2.py), and its text keeps "N stars": the paper's per-modality event encoder.
 labels: demographics and the future's behaviour (mean rating >= 4, above the history mean, any rating <= 2, any
 5 stars, any movie of each genre), kept if the positive rate lies in [0.10, 0.90].
 
