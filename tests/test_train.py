@@ -276,7 +276,7 @@ def test_a_strategy_defined_here_trains_resumes_and_probes(workdir, monkeypatch)
     out = str(workdir["root"] / "head-future")
     argv = ["--model", workdir["model"], "--data", workdir["train"], "--probe-data", workdir["probe"], "--out", out,
             "--mask", "head_future", "--steps", "4", "--batch-size", "8", "--micro-batch", "4", "--log-every", "1",
-            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2"] + NO_PREAMBLE
+            "--max-len", "96", "--answer-max-len", "24", "--lr", "5e-2", "--event-modalities", ""] + NO_PREAMBLE
     assert train.main(argv + ["--halt-after", "2"]) is None
     with open(os.path.join(out, "checkpoint", "state.json")) as f:
         assert json.load(f)["step"] == 2

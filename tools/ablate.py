@@ -220,8 +220,10 @@ def main(argv=None):
         sys.exit("error: --probe-data is needed with --data")
     model_dir = train.prepare_model(targs, lambda: train.load_train_records(targs, train_path, print), train_path,
                                     False, True, torch.device("cpu"), print)
+    # the text form, as the Oracle row (probe.py --model) reads it: train.py's --event-modalities auto would take
+    # the event form where --max-len cuts many events (--quick's 96 tokens do), and the rows would not be paired
     base = {"model": model_dir, "train": train_path, "probe": probe_path,
-            "extra": size + extra + (["--steps", str(steps)] if steps else [])}
+            "extra": ["--event-modalities", ""] + size + extra + (["--steps", str(steps)] if steps else [])}
 
     results = {}
     total = len(strategies) * len(seeds)
