@@ -286,6 +286,7 @@ def test_title_vectors_match_transformers(sources, tmp_path):
         with torch.no_grad():
             want = hf(input_ids=ids).last_hidden_state[0].mean(0)
         assert torch.allclose(torch.tensor(vectors[i]), want, atol=1e-5), items[i]
-    recs = movielens.with_title_vectors([{"events": [{"text": "Alpha (1990) | Action, Comedy | 4 stars"}]}], vectors,
-                                        {"Alpha (1990) | Action, Comedy": 1})
-    assert recs[0]["events"][0] == {"text": "4 stars", "vector": vectors[1]}
+    assert movielens.rating_events(items, [(T0, 1, 4), (T0 + 1, 3, 1)], vectors) == [
+        {"modality": "rating", "time": T0, "text": "4 stars", "vector": vectors[1]},
+        {"modality": "rating", "time": T0 + 1, "text": "1 star", "vector": vectors[3]}]
+    assert movielens.rating_events(items, [(T0, 1, 4)])[0]["text"] == "Alpha (1990) | Action, Comedy | 4 stars"

@@ -124,20 +124,38 @@ def load(layout, texts):
     return items, users, ratings
 
 
+def movie(items, i):
+    """Item i as the text every reader sees: "Title (Year) | Genre, Genre"."""
+    return "%s | %s" % (items[i][0], ", ".join(items[i][1]))
+
+
+def rating_events(items, history, vectors=None):
+    """The last MAX_EVENTS ratings as events: "Title (Year) | Genres | N stars", or (vectors: {item: vector}) the
+    movie as its `vector` and the stars alone as the text."""
+    def event(t, i, s):
+        stars = "%d star%s" % (s, "" if s == 1 else "s")
+        if vectors is None:
+            return {"modality": "rating", "time": t, "text": f"{movie(items, i)} | {stars}"}
+        return {"modality": "rating", "time": t, "text": stars, "vector": vectors[i]}
+    return [event(t, i, s) for t, i, s in history[-MAX_EVENTS:]]
+
+
 def said(items, catalogue, fut, answer):
     """-> (query, answer) of a future: its top-3 genres, or (answer="titles") its movies in order."""
     if answer == "titles":
-        return QUERY_TITLES, "; ".join("%s | %s" % (items[i][0], ", ".join(items[i][1])) for _, i, _ in fut)
+        return QUERY_TITLES, "; ".join(movie(items, i) for _, i, _ in fut)
     seen = Counter(g for _, i, _ in fut for g in items[i][1])
     return QUERY, "; ".join(sorted(seen, key=lambda g: (-seen[g], -catalogue[g], g))[:TOP_K])
 
 
-def build(items, users, ratings, window, answer="genres", train_windows=1, train_window=None):
+def build(items, users, ratings, window, answer="genres", train_windows=1, train_window=None, vectors=None):
     """-> (probe records: one per user, with every candidate label; training records, without labels).
     A probe record reads the history before the cut and is labelled by the `window` ratings after it. A training
     record k (1..train_windows) is cut `k * train_window` ratings earlier (default `window`, 5 when that is 0) and
-    answers with the `train_window` ratings that follow, all before the probe's cut: training never sees a rating that a probe label
-    is computed from (the contrastive answer is the future's genres, which the future_* labels restate)."""
+    answers with the `train_window` ratings that follow, all before the probe's cut: training never sees a rating
+    that a probe label is computed from (the contrastive answer is the future's genres, which the future_* labels
+    restate).
+    vectors: {item: vector} (title_vectors), given to every event (rating_events)."""
     catalogue = Counter(g for _, gs in items.values() for g in gs)
     w_train = train_window or window or 5
     records, train = [], []
@@ -147,8 +165,6 @@ def build(items, users, ratings, window, answer="genres", train_windows=1, train
         hist, fut = rs[:cut], rs[cut:cut + window] if window else rs[cut:]
         if not hist or not fut:  # fewer than 3 ratings: nothing to read or nothing to predict
             continue
-        events = lambda h: [{"modality": "rating", "time": t, "text": "%s | %s | %d star%s" % (  # noqa: E731
-            items[i][0], ", ".join(items[i][1]), s, "" if s == 1 else "s")} for t, i, s in h[-MAX_EVENTS:]]
         seen = Counter(g for _, i, _ in fut for g in items[i][1])
         age, gender, job = users[uid]
         stars = [s for _, _, s in fut]
@@ -161,15 +177,15 @@ def build(items, users, ratings, window, answer="genres", train_windows=1, train
                   "future_any_rating_le_2": min(stars) <= 2, "future_any_5_star": max(stars) == 5}
         labels.update({"future_" + g.lower().replace("'", "").replace("-", "_"): seen[g] > 0 for g in GENRES})
         query, said_ = said(items, catalogue, fut, answer)
-        records.append({"user_id": "u" + uid, "events": events(hist), "query": query, "answer": said_,
-                        "labels": {k: int(v) for k, v in labels.items()}})
+        records.append({"user_id": "u" + uid, "events": rating_events(items, hist, vectors), "query": query,
+                        "answer": said_, "labels": {k: int(v) for k, v in labels.items()}})
         for k in range(1, train_windows + 1):
             c = cut - k * w_train
             if c < 1:
                 break
             query, said_ = said(items, catalogue, rs[c:c + w_train], answer)
-            train.append({"user_id": "u" + uid + ("" if k == 1 else f"-{k}"), "events": events(rs[:c]),
-                          "query": query, "answer": said_})
+            train.append({"user_id": "u" + uid + ("" if k == 1 else f"-{k}"),
+                          "events": rating_events(items, rs[:c], vectors), "query": query, "answer": said_})
     return records, train
 
 
@@ -187,8 +203,7 @@ def title_vectors(items, model_dir, batch=64):
     with torch.no_grad():
         for k in range(0, len(ids), batch):
             chunk = ids[k:k + batch]
-            enc = [e.ids for e in tok.encode_batch([" %s | %s" % (items[i][0], ", ".join(items[i][1])) for i in chunk],
-                                                   add_special_tokens=False)]
+            enc = [e.ids for e in tok.encode_batch([" " + movie(items, i) for i in chunk], add_special_tokens=False)]
             x = torch.zeros(len(enc), max(map(len, enc)), dtype=torch.long)
             real = torch.zeros(x.shape)
             for j, e in enumerate(enc):
@@ -197,15 +212,6 @@ def title_vectors(items, model_dir, batch=64):
             mean = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
             out.update({i: [round(v, 6) for v in row] for i, row in zip(chunk, mean.tolist())})
     return out
-
-
-def with_title_vectors(records, vectors, titles):
-    """Each event's title goes into its `vector`; its text keeps the stars only ("4 stars")."""
-    for r in records:
-        for ev in r["events"]:
-            title, stars = ev["text"].rsplit(" | ", 1)
-            ev["vector"], ev["text"] = vectors[titles[title]], stars
-    return records
 
 
 def write_jsonl(path, records):
@@ -275,16 +281,13 @@ def main(argv=None):
     if a.future_window < 0 or a.train_windows < 1 or (a.train_window is not None and a.train_window < 1):
         ap.error("--future-window must be >= 0, --train-windows and --train-window >= 1")
     items, users, ratings = load(*read_sources(a.wheel, a.dir))
-    records, train = build(items, users, ratings, a.future_window, a.answer, a.train_windows, a.train_window)
+    vectors = title_vectors(items, a.title_vectors) if a.title_vectors else None
+    records, train = build(items, users, ratings, a.future_window, a.answer, a.train_windows, a.train_window, vectors)
     if not records:
         raise ValueError("no user has 3 or more ratings")
     rates = {k: sum(r["labels"][k] for r in records) / len(records) for k in records[0]["labels"]}
     keep = {k: v for k, v in rates.items() if MIN_RATE <= v <= MAX_RATE}
     dropped = {k: v for k, v in sorted(rates.items()) if k not in keep}
-    if a.title_vectors:
-        vectors = title_vectors(items, a.title_vectors)
-        titles = {"%s | %s" % (t, ", ".join(g)): i for i, (t, g) in items.items()}
-        records, train = with_title_vectors(records, vectors, titles), with_title_vectors(train, vectors, titles)
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     write_jsonl(os.path.join(out, "train.jsonl"), train)
